@@ -1,0 +1,5 @@
+import sys
+
+from rmserve.cli import main
+
+sys.exit(main())

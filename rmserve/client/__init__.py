@@ -1,0 +1,1 @@
+"""Client for an rmserve server; depends on httpx only."""

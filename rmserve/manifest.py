@@ -1,0 +1,290 @@
+"""The bundle manifest, ``rmserve.json``: the contract between training and the service.
+
+A bundle is a directory::
+
+    model.onnx          fp32 model: input_ids, attention_mask (int64, [batch, seq]) -> reward
+    model.int8.onnx     optional dynamic-int8 variant for CPU
+    model.fp16.onnx     optional fp16 variant for GPU
+    tokenizer.json      fast tokenizer for the ``tokenizers`` library
+    rmserve.json        this manifest
+
+Training writes it (``rmserve export``); the service reads it with :func:`load_bundle`, which
+refuses a bundle whose manifest is missing, malformed, of an unknown format version, or whose
+files do not match their recorded sha256, with a message that names the problem.
+This module uses the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rmserve.formatting import FormattingError, TextFormat
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "TOKENIZER_NAME",
+    "VARIANT_FILES",
+    "Architecture",
+    "BundleError",
+    "Evaluation",
+    "Manifest",
+    "Normalization",
+    "Variant",
+    "load_bundle",
+    "sha256_file",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "rmserve.json"
+TOKENIZER_NAME = "tokenizer.json"
+VARIANT_FILES: dict[str, str] = {
+    "fp32": "model.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+}
+
+ArchitectureKind = Literal["encoder", "decoder"]
+Pooling = Literal["first", "last"]
+Precision = Literal["fp32", "int8", "fp16"]
+
+
+class BundleError(Exception):
+    """A bundle that cannot be served; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    kind: ArchitectureKind  # encoder: reward at the first token; decoder: at the last real one
+    model_type: str  # transformers' config.model_type, e.g. "bert", "gpt2", "qwen2"
+    pooling: Pooling  # "first" (encoders) or "last" (decoders)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: float  # reward mean on the reference set
+    std: float  # reward std on the reference set (> 0)
+    n: int  # number of rewards it was measured on
+    reference: str  # what the reference set was, e.g. "train pairs (3662 responses)"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float  # fraction of eval pairs where r(chosen) > r(rejected)
+    n: int  # number of eval pairs
+    data: str  # where the eval pairs came from
+    mean_margin: float | None = None  # mean of r(chosen) - r(rejected)
+    shorter_wins_accuracy: float | None = None  # the length baseline on the same pairs
+
+
+@dataclass(frozen=True)
+class Variant:
+    file: str  # file name inside the bundle
+    sha256: str  # hex digest of the file
+    precision: Precision
+    # Measured parity against the torch model, e.g. {"max_abs_diff": 3e-6} for fp32 or
+    # {"pairwise_agreement": 0.996, "accuracy_drop": 0.004} for int8/fp16.
+    parity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    model_name: str
+    base_model: str
+    architecture: Architecture
+    max_length: int
+    pad_token_id: int
+    padding_side: Literal["right"]  # right padding keeps the first/last positions exact
+    truncation: str  # "prompt_left": drop prompt tokens from the left (DESIGN.md)
+    text_format: TextFormat
+    normalization: Normalization
+    evaluation: Evaluation | None
+    variants: dict[str, Variant]  # keyed by precision
+    tokenizer_sha256: str
+    created_at: str  # ISO 8601, UTC
+    rmserve_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["text_format"] = self.text_format.to_dict()
+        return data
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows: everything but file hashes."""
+        data = self.to_dict()
+        data.pop("tokenizer_sha256")
+        for variant in data["variants"].values():
+            variant.pop("sha256")
+        return data
+
+    def write(self, bundle_dir: Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = MANIFEST_NAME) -> Manifest:
+        return _parse_manifest(data, source)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manifest:
+    """Read and check a bundle's manifest; raise BundleError naming the problem."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"bundle at {root} is not a directory; run `rmserve export` to make one")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"bundle at {root} has no {MANIFEST_NAME}; run `rmserve export CHECKPOINT --out {root}`"
+        )
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_path} is not valid JSON: {e}") from e
+    manifest = _parse_manifest(data, str(manifest_path))
+    checks = [(TOKENIZER_NAME, manifest.tokenizer_sha256)]
+    checks += [(v.file, v.sha256) for v in manifest.variants.values()]
+    for name, expected in checks:
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"bundle at {root} is missing {name}, which {MANIFEST_NAME} lists")
+        if verify_hashes:
+            actual = sha256_file(path)
+            if actual != expected:
+                raise BundleError(
+                    f"{path} does not match its sha256 in {MANIFEST_NAME} "
+                    f"(expected {expected[:12]}..., found {actual[:12]}...); the file was changed "
+                    "or corrupted after export; export the bundle again"
+                )
+    return manifest
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _parse_manifest(data: Any, source: str) -> Manifest:
+    def fail(msg: str) -> BundleError:
+        return BundleError(f"{source}: {msg}")
+
+    if not isinstance(data, Mapping):
+        raise fail("the manifest must be a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise fail(
+            f"unknown format_version {version!r}; this rmserve reads version {FORMAT_VERSION}. "
+            "Export the bundle again with this rmserve, or upgrade rmserve"
+        )
+
+    def get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+        if key not in obj:
+            raise fail(f"missing field {where}{key}")
+        value = obj[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise fail(f"field {where}{key} has the wrong type (bool)")
+        if not isinstance(value, kind):
+            raise fail(f"field {where}{key} has the wrong type ({type(value).__name__})")
+        return value
+
+    def section(key: str) -> Mapping[str, Any]:
+        value = get(data, key, dict, "")
+        return value  # type: ignore[no-any-return]
+
+    arch = section("architecture")
+    kind = get(arch, "kind", str, "architecture.")
+    pooling = get(arch, "pooling", str, "architecture.")
+    if kind not in ("encoder", "decoder"):
+        raise fail(f"architecture.kind must be 'encoder' or 'decoder', got {kind!r}")
+    if pooling not in ("first", "last"):
+        raise fail(f"architecture.pooling must be 'first' or 'last', got {pooling!r}")
+    architecture = Architecture(
+        kind=kind, model_type=get(arch, "model_type", str, "architecture."), pooling=pooling
+    )
+
+    max_length = get(data, "max_length", int, "")
+    if max_length < 2:
+        raise fail(f"max_length must be at least 2, got {max_length}")
+    padding_side = get(data, "padding_side", str, "")
+    if padding_side != "right":
+        raise fail(f"padding_side must be 'right', got {padding_side!r}")
+    truncation = get(data, "truncation", str, "")
+    if truncation != "prompt_left":
+        raise fail(f"unknown truncation policy {truncation!r}; expected 'prompt_left'")
+    try:
+        text_format = TextFormat.from_dict(section("text_format"))
+    except FormattingError as e:
+        raise fail(str(e)) from e
+
+    norm = section("normalization")
+    normalization = Normalization(
+        mean=float(get(norm, "mean", (int, float), "normalization.")),
+        std=float(get(norm, "std", (int, float), "normalization.")),
+        n=get(norm, "n", int, "normalization."),
+        reference=get(norm, "reference", str, "normalization."),
+    )
+    if not normalization.std > 0:
+        raise fail(f"normalization.std must be positive, got {normalization.std}")
+
+    evaluation = None
+    if data.get("evaluation") is not None:
+        ev = section("evaluation")
+        evaluation = Evaluation(
+            accuracy=float(get(ev, "accuracy", (int, float), "evaluation.")),
+            n=get(ev, "n", int, "evaluation."),
+            data=get(ev, "data", str, "evaluation."),
+            mean_margin=ev.get("mean_margin"),
+            shorter_wins_accuracy=ev.get("shorter_wins_accuracy"),
+        )
+
+    raw_variants = section("variants")
+    if "fp32" not in raw_variants:
+        raise fail("variants must include 'fp32' (model.onnx)")
+    variants: dict[str, Variant] = {}
+    for precision, raw in raw_variants.items():
+        if precision not in VARIANT_FILES:
+            raise fail(f"unknown variant {precision!r}; expected one of {sorted(VARIANT_FILES)}")
+        if not isinstance(raw, Mapping):
+            raise fail(f"variants.{precision} must be an object")
+        where = f"variants.{precision}."
+        parity = raw.get("parity", {})
+        if not isinstance(parity, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in parity.values()
+        ):
+            raise fail(f"{where}parity must map names to numbers")
+        variants[precision] = Variant(
+            file=get(raw, "file", str, where),
+            sha256=get(raw, "sha256", str, where),
+            precision=precision,
+            parity={k: float(v) for k, v in parity.items()},
+        )
+
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model_name=get(data, "model_name", str, ""),
+        base_model=get(data, "base_model", str, ""),
+        architecture=architecture,
+        max_length=max_length,
+        pad_token_id=get(data, "pad_token_id", int, ""),
+        padding_side="right",
+        truncation=truncation,
+        text_format=text_format,
+        normalization=normalization,
+        evaluation=evaluation,
+        variants=variants,
+        tokenizer_sha256=get(data, "tokenizer_sha256", str, ""),
+        created_at=get(data, "created_at", str, ""),
+        rmserve_version=get(data, "rmserve_version", str, ""),
+    )

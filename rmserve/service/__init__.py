@@ -1,0 +1,1 @@
+"""The scoring service: FastAPI + uvicorn over ONNX Runtime (extra ``serve``)."""

@@ -1,0 +1,1 @@
+"""Training: preference data, Bradley-Terry trainer, evaluation and ONNX export (extra ``train``)."""
