@@ -105,7 +105,9 @@ def _coerce_messages(messages: Sequence[Message | Mapping[str, Any]]) -> list[Me
     return out
 
 
-def messages_from_pair(prompt: str | Sequence[Message | Mapping[str, Any]], response: str) -> list[Message]:
+def messages_from_pair(
+    prompt: str | Sequence[Message | Mapping[str, Any]], response: str
+) -> list[Message]:
     """A prompt (plain string or conversation) plus a response, as one conversation."""
     if isinstance(prompt, str):
         turns = [Message("user", prompt)]

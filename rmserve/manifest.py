@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from rmserve.formatting import FormattingError, TextFormat
 
@@ -200,8 +200,7 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         return value
 
     def section(key: str) -> Mapping[str, Any]:
-        value = get(data, key, dict, "")
-        return value  # type: ignore[no-any-return]
+        return cast("Mapping[str, Any]", get(data, key, dict, ""))
 
     arch = section("architecture")
     kind = get(arch, "kind", str, "architecture.")
@@ -267,7 +266,7 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         variants[precision] = Variant(
             file=get(raw, "file", str, where),
             sha256=get(raw, "sha256", str, where),
-            precision=precision,
+            precision=cast(Precision, precision),  # checked against VARIANT_FILES above
             parity={k: float(v) for k, v in parity.items()},
         )
 

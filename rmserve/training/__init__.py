@@ -1,1 +1,1 @@
-"""Training: preference data, Bradley-Terry trainer, evaluation and ONNX export (extra ``train``)."""
+"""Training: preference data, Bradley-Terry trainer, evaluation, ONNX export (extra train)."""

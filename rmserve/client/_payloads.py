@@ -1,0 +1,385 @@
+"""Request bodies and response parsing, shared by the sync and async clients.
+
+Everything here is pure (no I/O), so both clients send byte-identical requests and read
+responses the same way. Inputs are checked before anything is sent: a caller's bug gets a
+``TypeError``/``ValueError`` naming the argument and index, not a 422 from far away.
+Responses are checked too: a 2xx body without the promised fields raises
+:class:`APIResponseValidationError` instead of an ``IndexError`` deep in a trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from rmserve.client._errors import APIResponseValidationError, APIStatusError
+from rmserve.client._types import (
+    CompareResult,
+    ModelInfo,
+    Prompt,
+    RankedResponse,
+    RankResult,
+    ScoreResult,
+    Usage,
+)
+
+__all__ = [
+    "ScoreChunk",
+    "chunked",
+    "compare_body",
+    "conversation_items",
+    "merge_score_chunks",
+    "pair_items",
+    "parse_compare",
+    "parse_models",
+    "parse_rank",
+    "parse_score_chunk",
+    "prompt_fields",
+    "rank_body",
+    "rank_from_scores",
+    "score_body",
+    "shift_item_index",
+    "text_items",
+]
+
+JSON = dict[str, Any]
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def _check_str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_sequence(value: object, where: str) -> Sequence[Any]:
+    # A str is a Sequence too; treating "abc" as three items would be a silent bug.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{where} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: object, where: str) -> list[dict[str, str]]:
+    """Chat messages as ``[{"role", "content"}]``; extra keys (tool_calls, name) are dropped."""
+    sequence = _check_sequence(value, where)
+    messages = []
+    for i, message in enumerate(sequence):
+        if not isinstance(message, Mapping):
+            raise TypeError(
+                f"{where}[{i}] must be a chat message {{'role': ..., 'content': ...}}, "
+                f"got {type(message).__name__}"
+            )
+        if "role" not in message or "content" not in message:
+            raise ValueError(f"{where}[{i}] needs both 'role' and 'content' keys")
+        role = _check_str(message["role"], f"{where}[{i}]['role']")
+        content = _check_str(message["content"], f"{where}[{i}]['content']")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def prompt_fields(prompt: object, where: str = "prompt") -> JSON:
+    """``{"prompt": text}`` for a string, ``{"messages": [...]}`` for chat messages."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, Sequence):
+        return {"messages": _messages(prompt, where)}
+    kind = type(prompt).__name__
+    raise TypeError(f"{where} must be a str or a list of chat messages, got {kind}")
+
+
+def pair_items(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[JSON]:
+    """One item per (prompt, response); a chat prompt gets the response as assistant turn."""
+    prompts = _check_sequence(prompts, "prompts")
+    responses = _check_sequence(responses, "responses")
+    if len(prompts) != len(responses):
+        raise ValueError(
+            f"prompts and responses must have the same length, got {len(prompts)} prompts and "
+            f"{len(responses)} responses; repeat a shared prompt with [prompt] * len(responses)"
+        )
+    items = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        response = _check_str(response, f"responses[{i}]")
+        fields = prompt_fields(prompt, f"prompts[{i}]")
+        if "prompt" in fields:
+            items.append({"prompt": fields["prompt"], "response": response})
+        else:
+            messages = fields["messages"]
+            items.append({"messages": [*messages, {"role": "assistant", "content": response}]})
+    return items
+
+
+def conversation_items(conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[JSON]:
+    """One item per conversation; the last message of each is the response scored."""
+    conversations = _check_sequence(conversations, "conversations")
+    items = []
+    for i, conversation in enumerate(conversations):
+        messages = _messages(conversation, f"conversations[{i}]")
+        if not messages:
+            raise ValueError(f"conversations[{i}] is empty; it needs at least the response")
+        items.append({"messages": messages})
+    return items
+
+
+def text_items(texts: Sequence[str]) -> list[JSON]:
+    """Text the caller already rendered in the model's text format (OpenRLHF's ``query``)."""
+    texts = _check_sequence(texts, "texts")
+    return [{"text": _check_str(text, f"texts[{i}]")} for i, text in enumerate(texts)]
+
+
+def chunked(items: Sequence[JSON], size: int) -> list[Sequence[JSON]]:
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def shift_item_index(error: APIStatusError, offset: int) -> None:
+    """Make a chunk's error name the item's index in the caller's input, not in the chunk.
+
+    The server reports the failing item (``details["index"]``) within the request it got;
+    a caller who passed 500 items and got chunk 3's "index 2" would look at the wrong item.
+    """
+    index = error.details.get("index")
+    if offset and isinstance(index, int) and not isinstance(index, bool):
+        error.details["index"] = index + offset
+        error.message = f"{error.message} (item {index + offset} of the call)"
+        error.args = (str(error.args[0]) + f" (item {index + offset} of the call)",)
+
+
+def score_body(items: Sequence[JSON], *, normalize: bool, truncate_response: bool) -> JSON:
+    return {"items": list(items), "normalize": normalize, "truncate_response": truncate_response}
+
+
+def rank_body(
+    prompt: Prompt,
+    responses: Sequence[str],
+    top_k: int | None,
+    *,
+    normalize: bool,
+    truncate_response: bool,
+) -> JSON:
+    responses = _check_sequence(responses, "responses")
+    if not responses:
+        raise ValueError("responses is empty; rank needs at least one response")
+    body = prompt_fields(prompt)
+    body["normalize"] = normalize
+    body["truncate_response"] = truncate_response
+    body["responses"] = [_check_str(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        body["top_k"] = top_k
+    return body
+
+
+def compare_body(
+    prompt: Prompt, a: str, b: str, *, normalize: bool, truncate_response: bool
+) -> JSON:
+    body = prompt_fields(prompt)
+    body["normalize"] = normalize
+    body["truncate_response"] = truncate_response
+    body["a"] = _check_str(a, "a")
+    body["b"] = _check_str(b, "b")
+    return body
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+def _json_object(response: httpx.Response) -> JSON:
+    try:
+        body = response.json()
+    except ValueError as e:
+        raise APIResponseValidationError(
+            f"{response.request.url.path} answered {response.status_code} with a body that is not "
+            f"JSON: {response.text[:200]!r}",
+            response=response,
+        ) from e
+    if not isinstance(body, dict):
+        raise _invalid(response, f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _invalid(response: httpx.Response, problem: str) -> APIResponseValidationError:
+    return APIResponseValidationError(
+        f"unexpected response from {response.request.url.path}: {problem}; is base_url an "
+        "rmserve server of a compatible version?",
+        response=response,
+    )
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _float_list(response: httpx.Response, body: JSON, key: str, n: int | None) -> list[float]:
+    raw = body.get(key)
+    if not isinstance(raw, list):
+        raise _invalid(response, f"'{key}' is missing or not a list")
+    values = [_float(v) for v in raw]
+    if any(v is None for v in values):
+        raise _invalid(response, f"'{key}' holds a value that is not a number")
+    if n is not None and len(values) != n:
+        raise _invalid(response, f"'{key}' has {len(values)} entries for {n} items sent")
+    return [v for v in values if v is not None]
+
+
+class ScoreChunk:
+    """The parsed answer to one ``/v1/score`` request (one chunk of a call)."""
+
+    __slots__ = ("model", "scores", "tokens", "truncated")
+
+    def __init__(self, model: str, scores: list[float], truncated: list[bool], tokens: int):
+        self.model = model
+        self.scores = scores
+        self.truncated = truncated
+        self.tokens = tokens
+
+
+def _model(response: httpx.Response, body: JSON) -> str:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise _invalid(response, "'model' is missing or not a string")
+    return model
+
+
+def parse_score_chunk(response: httpx.Response, n_items: int) -> ScoreChunk:
+    body = _json_object(response)
+    scores = _float_list(response, body, "scores", n_items)
+    truncated = _truncated(response, body, n_items)
+    return ScoreChunk(_model(response, body), scores, truncated, _tokens(response, body))
+
+
+def merge_score_chunks(chunks: Sequence[ScoreChunk]) -> ScoreResult:
+    """Concatenate chunk answers in request order; usage adds up."""
+    scores: list[float] = []
+    truncated: list[bool] = []
+    for chunk in chunks:
+        scores.extend(chunk.scores)
+        truncated.extend(chunk.truncated)
+    model = chunks[0].model if chunks else ""
+    tokens = sum(chunk.tokens for chunk in chunks)
+    return ScoreResult(model, tuple(scores), tuple(truncated), Usage(tokens))
+
+
+def _truncated(response: httpx.Response, body: JSON, n: int) -> list[bool]:
+    raw = body.get("truncated", [False] * n)
+    if not isinstance(raw, list) or len(raw) != n:
+        raise _invalid(response, f"'truncated' is not a list of {n} booleans")
+    return [bool(t) for t in raw]
+
+
+def _tokens(response: httpx.Response, body: JSON) -> int:
+    usage = body.get("usage")
+    tokens = usage.get("tokens", 0) if isinstance(usage, dict) else 0
+    if isinstance(tokens, bool) or not isinstance(tokens, int):
+        raise _invalid(response, "'usage.tokens' is not an integer")
+    return tokens
+
+
+def parse_rank(response: httpx.Response, n_responses: int) -> RankResult:
+    body = _json_object(response)
+    raw = body.get("ranking")
+    if not isinstance(raw, list):
+        raise _invalid(response, "'ranking' is missing or not a list")
+    ranking = []
+    for entry in raw:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        score = _float(entry.get("score")) if isinstance(entry, dict) else None
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or score is None
+            or not 0 <= index < n_responses
+        ):
+            raise _invalid(response, f"ranking entry {entry!r} is not {{index, score}} in range")
+        ranking.append(RankedResponse(index, score))
+    if "scores" in body:
+        scores = _float_list(response, body, "scores", n_responses)
+    elif len(ranking) == n_responses:  # an older server: rebuild request order from ranking
+        scores = [0.0] * n_responses
+        for entry in ranking:
+            scores[entry.index] = entry.score
+    else:
+        raise _invalid(response, "'scores' is missing and the ranking does not cover all")
+    return RankResult(
+        _model(response, body),
+        tuple(ranking),
+        tuple(scores),
+        tuple(_truncated(response, body, n_responses)),
+        Usage(_tokens(response, body)),
+    )
+
+
+def rank_from_scores(result: ScoreResult, top_k: int | None) -> RankResult:
+    """Rank locally from a score call: highest first, ties by original position.
+
+    Used when a rank call has more responses than one request may carry. A score does not
+    depend on what it is batched with (DESIGN.md) and the server sorts the same way (stable,
+    descending), so this equals the server's own ranking.
+    """
+    scores = result.scores
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if top_k is not None:
+        order = order[:top_k]
+    ranking = tuple(RankedResponse(i, scores[i]) for i in order)
+    return RankResult(result.model, ranking, scores, result.truncated, result.usage)
+
+
+def parse_compare(response: httpx.Response) -> CompareResult:
+    body = _json_object(response)
+    scores = _float_list(response, body, "scores", 2)
+    p = _float(body.get("p_a_preferred"))
+    if p is None or not 0.0 <= p <= 1.0:
+        raise _invalid(response, "'p_a_preferred' is missing or not a probability")
+    truncated = _truncated(response, body, 2)
+    return CompareResult(
+        _model(response, body),
+        (scores[0], scores[1]),
+        p,
+        (truncated[0], truncated[1]),
+        Usage(_tokens(response, body)),
+    )
+
+
+def _optional_mapping(value: object) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) else None
+
+
+def parse_models(response: httpx.Response) -> ModelInfo:
+    """Read rmserve's OpenAI-style model list (one card holding the manifest)."""
+    body = _json_object(response)
+    card: JSON = body
+    data = body.get("data")
+    if isinstance(data, list):
+        if not data or not isinstance(data[0], dict):
+            raise _invalid(response, "'data' holds no model card")
+        card = data[0]
+    manifest = card.get("manifest", card)
+    if not isinstance(manifest, dict):
+        raise _invalid(response, "'manifest' is not an object")
+    name = manifest.get("model_name", card.get("id"))
+    if not isinstance(name, str):
+        raise _invalid(response, "'model_name' is missing or not a string")
+    base_model = manifest.get("base_model")
+    max_length = manifest.get("max_length")
+    variants = manifest.get("variants")
+    precision = card.get("precision")
+    provider = card.get("provider")
+    return ModelInfo(
+        model_name=name,
+        precision=precision if isinstance(precision, str) else None,
+        provider=provider if isinstance(provider, str) else None,
+        base_model=base_model if isinstance(base_model, str) else None,
+        max_length=max_length if isinstance(max_length, int) else None,
+        architecture=_optional_mapping(manifest.get("architecture")),
+        normalization=_optional_mapping(manifest.get("normalization")),
+        evaluation=_optional_mapping(manifest.get("evaluation")),
+        variants=variants if isinstance(variants, Mapping) else {},
+        manifest=manifest,
+    )

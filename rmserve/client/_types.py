@@ -1,0 +1,126 @@
+"""Typed results of the client's methods, and the shapes of its inputs.
+
+Results are frozen dataclasses holding tuples, so a result can be cached, hashed and shared
+between threads without anyone changing it underneath. ``list(result.scores)`` gives a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, Union
+
+__all__ = [
+    "BestOfN",
+    "CompareResult",
+    "Conversation",
+    "Message",
+    "ModelInfo",
+    "Prompt",
+    "RankResult",
+    "RankedResponse",
+    "ScoreResult",
+    "Usage",
+]
+
+
+class Message(TypedDict):
+    """One chat turn, as in OpenAI/TRL chat data. rmserve knows system, user and assistant."""
+
+    role: str
+    content: str
+
+
+# A conversation whose last message is the assistant response to score.
+Conversation = Sequence[Mapping[str, Any]]
+# A prompt is plain text or the chat messages before the response.
+Prompt = Union[str, Sequence[Mapping[str, Any]]]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+@dataclass(frozen=True)
+class Usage:
+    tokens: int  # tokens the server ran through the model for this call (all chunks)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores in the order of the inputs; ``truncated[i]`` says whether item i was cut."""
+
+    model: str
+    scores: tuple[float, ...]
+    truncated: tuple[bool, ...]
+    usage: Usage
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class RankedResponse:
+    index: int  # position of the response in the request's ``responses``
+    score: float
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Responses best first (highest reward first), and every score in request order."""
+
+    model: str
+    ranking: tuple[RankedResponse, ...]  # best first; only the best top_k when asked
+    scores: tuple[float, ...]  # all responses' scores, in request order
+    truncated: tuple[bool, ...]  # in request order
+    usage: Usage
+
+    @property
+    def best(self) -> RankedResponse:
+        return self.ranking[0]
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(entry.index for entry in self.ranking)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Two rewards and the Bradley-Terry probability that ``a`` is preferred to ``b``."""
+
+    model: str
+    scores: tuple[float, float]  # (reward of a, reward of b), normalized if asked
+    p_a_preferred: float  # sigmoid(raw_a - raw_b), whatever normalize says
+    truncated: tuple[bool, bool]
+    usage: Usage
+
+    @property
+    def preferred(self) -> Literal["a", "b"]:
+        return "a" if self.scores[0] >= self.scores[1] else "b"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model (``GET /v1/models``): its bundle manifest without file hashes.
+
+    The named fields are the ones a trainer usually needs; ``manifest`` keeps the whole
+    public manifest, so fields added to it later stay reachable.
+    """
+
+    model_name: str
+    precision: str | None  # the variant running: fp32, int8 or fp16
+    provider: str | None  # the ONNX Runtime provider: cpu or cuda
+    base_model: str | None
+    max_length: int | None
+    architecture: Mapping[str, Any] | None
+    normalization: Mapping[str, Any] | None
+    evaluation: Mapping[str, Any] | None
+    variants: Mapping[str, Any]
+    manifest: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BestOfN:
+    """The winner of a best-of-n selection, with every candidate's score."""
+
+    best: str  # the best candidate's text
+    best_index: int  # its position in ``candidates``
+    best_score: float
+    candidates: tuple[str, ...]
+    scores: tuple[float, ...]  # one per candidate, in candidate order

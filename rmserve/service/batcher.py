@@ -1,0 +1,334 @@
+"""Dynamic batching: items of many concurrent requests share model batches.
+
+One queue holds *items* (token id sequences), not requests. A scheduler task on the event loop
+forms a batch when one of these is reached:
+
+- a padded-token budget: batch size x its longest item <= ``max_batch_tokens``;
+- ``max_batch_size`` items;
+- ``max_wait_s`` since the oldest waiting item arrived (or the service is draining).
+
+Waiting items are sorted by length and cut into consecutive runs under the budget, so each
+batch holds items of similar length and padding stays small. A "full" run is sent at once;
+otherwise the run holding the oldest item is sent when that item's wait is up, which also
+bounds how long a long item can be passed over.
+
+The model runs in one worker thread (ORT releases the GIL and uses every core itself), so the
+event loop keeps accepting requests meanwhile, and the next batch fills while one runs.
+Batches are right-padded with ``pad_token_id`` to their own longest item, with an attention
+mask, so an item's score does not depend on its neighbours.
+
+The queue is bounded: a request whose items do not fit raises :class:`QueueFullError` at once (the
+routes answer 429 with Retry-After) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BatchStats",
+    "Batcher",
+    "BatcherClosedError",
+    "InferenceError",
+    "QueueFullError",
+    "ScoredRequest",
+]
+
+logger = logging.getLogger("rmserve.service.batcher")
+
+IdArray = npt.NDArray[np.int64]
+InferenceFn = Callable[[IdArray, IdArray], npt.NDArray[np.float32]]
+
+
+class QueueFullError(Exception):
+    """The queue cannot take the request's items now; retry after ``retry_after_s``."""
+
+    def __init__(self, queued: int, capacity: int, retry_after_s: int):
+        self.queued = queued
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the queue holds {queued} of at most {capacity} items; retry after "
+            f"{retry_after_s} s or send fewer items per request"
+        )
+
+
+class BatcherClosedError(Exception):
+    """The service is draining or stopped and takes no new work."""
+
+
+class InferenceError(RuntimeError):
+    """The model failed on a batch; every request with an item in it gets this."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int  # items in the batch
+    padded_tokens: int  # size x longest item
+    real_tokens: int  # sum of item lengths
+    inference_s: float  # model time, packing included
+
+
+@dataclass(frozen=True)
+class ScoredRequest:
+    scores: npt.NDArray[np.float32]  # (n,) in the order the sequences were given
+    queue_s: float  # from submission until its last item's batch started
+    inference_s: float  # summed time of the batches its items ran in
+
+
+class _Request:
+    """The items of one ``submit`` call and where their scores go."""
+
+    __slots__ = ("enqueued_at", "future", "inference_s", "last_start", "remaining", "scores")
+
+    def __init__(self, n: int, future: asyncio.Future[None]):
+        self.scores = np.zeros(n, dtype=np.float32)  # (n,)
+        self.remaining = n
+        self.future = future
+        self.enqueued_at = time.perf_counter()
+        self.last_start = self.enqueued_at
+        self.inference_s = 0.0
+
+
+class _Item:
+    __slots__ = ("ids", "index", "length", "request")
+
+    def __init__(self, ids: IdArray, request: _Request, index: int):
+        self.ids = ids
+        self.length = int(ids.shape[0])
+        self.request = request
+        self.index = index
+
+
+class Batcher:
+    """Collects items from concurrent requests into padded batches for ``infer``."""
+
+    def __init__(
+        self,
+        infer: InferenceFn,
+        *,
+        pad_token_id: int,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        max_queue_items: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_change: Callable[[int], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_queue_items < 1:
+            raise ValueError("max_batch_size, max_batch_tokens and max_queue_items must be >= 1")
+        self._infer = infer
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue_items = max_queue_items
+        self._on_batch = on_batch
+        self._on_queue_change = on_queue_change
+        self._pending: list[_Item] = []  # arrival order; the oldest first
+        self._running = 0  # items in the batch being computed
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self._draining = False
+        self._task: asyncio.Task[None] | None = None
+        # One worker: batches run one after another, each with all of ORT's threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmserve-infer")
+        self._recent_batch_s = 0.05  # moving estimate of one batch's duration, for Retry-After
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._schedule(), name="rmserve-batcher"
+            )
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight_items(self) -> int:
+        return len(self._pending) + self._running
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, finish what is queued and running; False if it timed out."""
+        self._accepting = False
+        self._draining = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            logger.error(
+                "drain timed out",
+                extra={"items_left": self.in_flight_items, "timeout_s": timeout_s},
+            )
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the scheduler; requests still waiting get BatcherClosedError."""
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._pending:
+            if not item.request.future.done():
+                item.request.future.set_exception(BatcherClosedError("the service stopped"))
+        self._pending.clear()
+        self._executor.shutdown(wait=False)
+
+    # --- submission -----------------------------------------------------------------------
+
+    async def submit(self, sequences: Sequence[IdArray]) -> ScoredRequest:
+        """Score token id sequences (each (T_i,) int64); waits until all are scored."""
+        if not self._accepting:
+            raise BatcherClosedError("the service is shutting down and takes no new requests")
+        n = len(sequences)
+        if n == 0:
+            return ScoredRequest(np.zeros(0, dtype=np.float32), 0.0, 0.0)
+        queued = len(self._pending)
+        if queued + n > self.max_queue_items:
+            raise QueueFullError(queued, self.max_queue_items, self._retry_after_s(queued))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request = _Request(n, future)
+        self._pending.extend(_Item(ids, request, i) for i, ids in enumerate(sequences))
+        self._idle.clear()
+        self._queue_changed()
+        self._wakeup.set()
+        await future
+        return ScoredRequest(
+            request.scores, request.last_start - request.enqueued_at, request.inference_s
+        )
+
+    def _retry_after_s(self, queued: int) -> int:
+        batches_ahead = math.ceil(queued / self.max_batch_size)
+        return max(1, math.ceil(batches_ahead * self._recent_batch_s))
+
+    def _queue_changed(self) -> None:
+        if self._on_queue_change is not None:
+            self._on_queue_change(len(self._pending))
+
+    # --- scheduling -----------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            if not self._pending:
+                if self._running == 0:
+                    self._idle.set()
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            now = time.perf_counter()
+            batch = self.select(now)
+            if batch is None:
+                deadline = self._pending[0].request.enqueued_at + self.max_wait_s
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - now))
+                self._wakeup.clear()
+                continue
+            taken = {id(item) for item in batch}
+            self._pending = [item for item in self._pending if id(item) not in taken]
+            self._queue_changed()
+            await self._run(batch)
+
+    def select(self, now: float) -> list[_Item] | None:
+        """The batch to run now, or None to keep waiting for more items.
+
+        Pending items sorted by length are cut into consecutive runs that respect the size and
+        token limits; a run is "full" when the next item would not have fit. The run holding
+        the oldest item goes once that item has waited ``max_wait_s`` (or when draining);
+        before that, only a full run goes (the one with the oldest item among full runs).
+        """
+        pending = self._pending
+        if not pending:
+            return None
+        oldest = pending[0]
+        by_length = sorted(pending, key=lambda item: item.length)
+        runs: list[list[_Item]] = []
+        run: list[_Item] = []
+        for item in by_length:
+            # Sorted ascending: the new item is the longest of the run if added.
+            if run and (
+                len(run) + 1 > self.max_batch_size
+                or (len(run) + 1) * item.length > self.max_batch_tokens
+            ):
+                runs.append(run)
+                run = []
+            run.append(item)
+        last_full = len(run) >= self.max_batch_size
+        runs.append(run)
+        expired = self._draining or now - oldest.request.enqueued_at >= self.max_wait_s
+        if expired:
+            return next(r for r in runs if any(item is oldest for item in r))
+        full_runs = runs if last_full else runs[:-1]
+        if not full_runs:
+            return None
+        age = {id(item): position for position, item in enumerate(pending)}
+        return min(full_runs, key=lambda r: min(age[id(item)] for item in r))
+
+    async def _run(self, batch: list[_Item]) -> None:
+        self._running = len(batch)
+        started = time.perf_counter()
+        for item in batch:
+            item.request.last_start = started
+        loop = asyncio.get_running_loop()
+        try:
+            scores, stats = await loop.run_in_executor(
+                self._executor, self._pack_and_infer, [item.ids for item in batch]
+            )
+        except Exception as e:
+            logger.exception("inference failed", extra={"batch_size": len(batch)})
+            error = InferenceError(f"the model failed on a batch of {len(batch)} items: {e}")
+            for item in batch:
+                if not item.request.future.done():
+                    item.request.future.set_exception(error)
+            self._running = 0
+            return
+        self._running = 0
+        self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * stats.inference_s
+        # Inference time is summed once per request: its items may span several batches.
+        for request in {id(item.request): item.request for item in batch}.values():
+            request.inference_s += stats.inference_s
+        for row, item in enumerate(batch):
+            request = item.request
+            request.scores[item.index] = scores[row]
+            request.remaining -= 1
+            if request.remaining == 0 and not request.future.done():
+                request.future.set_result(None)
+        if self._on_batch is not None:
+            self._on_batch(stats)
+
+    def _pack_and_infer(
+        self, sequences: list[IdArray]
+    ) -> tuple[npt.NDArray[np.float32], BatchStats]:
+        """Right-pad to the batch's own longest item and run the model (worker thread)."""
+        started = time.perf_counter()
+        lengths = np.fromiter((s.shape[0] for s in sequences), dtype=np.int64, count=len(sequences))
+        batch, longest = len(sequences), int(lengths.max())
+        input_ids = np.full((batch, longest), self.pad_token_id, dtype=np.int64)  # (B, T)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : ids.shape[0]] = ids
+        attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
+        scores = self._infer(input_ids, attention_mask)  # (B,)
+        stats = BatchStats(
+            size=batch,
+            padded_tokens=batch * longest,
+            real_tokens=int(lengths.sum()),
+            inference_s=time.perf_counter() - started,
+        )
+        return scores, stats

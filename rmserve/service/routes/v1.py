@@ -1,0 +1,89 @@
+"""``/v1/score``, ``/v1/rank``, ``/v1/compare``: rmserve's own scoring API."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import APIRouter, Response
+
+from rmserve.service.routes.common import SCORING_ERRORS
+from rmserve.service.schemas import (
+    CompareRequest,
+    CompareResponse,
+    RankedResponse,
+    RankRequest,
+    RankResponse,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+)
+from rmserve.service.state import ScorerDep
+
+__all__ = ["router", "sigmoid"]
+
+router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
+
+
+def sigmoid(x: float) -> float:
+    # Written per sign so that exp never overflows.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+@router.post("/v1/score", summary="Score items")
+async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> ScoreResponse:
+    """Rewards of (prompt, response) pairs, conversations or rendered texts, in order."""
+    result = await scorer.score(
+        [item.to_input() for item in body.items], truncate_response=body.truncate_response
+    )
+    scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    response.headers.update(result.timing_headers())
+    return ScoreResponse(
+        model=scorer.manifest.model_name,
+        scores=scores.tolist(),
+        truncated=result.truncated,
+        usage=Usage(tokens=result.tokens),
+    )
+
+
+@router.post("/v1/rank", summary="Rank responses to one prompt")
+async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> RankResponse:
+    """Responses to one prompt, best first (best-of-n, GRPO groups)."""
+    result = await scorer.score(
+        [body.item(r) for r in body.responses], truncate_response=body.truncate_response
+    )
+    scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    # Stable: equal scores keep request order.
+    order = np.argsort(-scores, kind="stable")
+    if body.top_k is not None:
+        order = order[: body.top_k]
+    response.headers.update(result.timing_headers())
+    return RankResponse(
+        model=scorer.manifest.model_name,
+        ranking=[RankedResponse(index=int(i), score=float(scores[i])) for i in order],
+        scores=scores.tolist(),
+        truncated=result.truncated,
+        usage=Usage(tokens=result.tokens),
+    )
+
+
+@router.post("/v1/compare", summary="Compare two responses")
+async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -> CompareResponse:
+    """Both rewards and the Bradley-Terry probability that ``a`` is preferred."""
+    result = await scorer.score(
+        [body.item(body.a), body.item(body.b)], truncate_response=body.truncate_response
+    )
+    raw_a, raw_b = float(result.scores[0]), float(result.scores[1])
+    scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    response.headers.update(result.timing_headers())
+    return CompareResponse(
+        model=scorer.manifest.model_name,
+        scores=scores.tolist(),
+        # The model was trained with P(a > b) = sigmoid(r_a - r_b) on raw rewards.
+        p_a_preferred=sigmoid(raw_a - raw_b),
+        truncated=result.truncated,
+        usage=Usage(tokens=result.tokens),
+    )

@@ -1,0 +1,173 @@
+"""The ONNX Runtime session that turns padded id batches into rewards.
+
+Choice of execution provider and precision (logged and exposed in ``rmserve_model_info``):
+
+- provider ``auto``: CUDA when onnxruntime offers ``CUDAExecutionProvider``, else CPU;
+- precision ``auto``: the bundle's fp16 variant on CUDA when it has one, else fp32;
+  ``int8`` (dynamic quantization) runs on CPU only, ``fp16`` on CUDA only, because the other
+  provider would fall back to slow or unsupported kernels.
+
+``run`` is called from one worker thread at a time (the batcher's); ORT sessions are
+thread-safe anyway, and ORT releases the GIL while it computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rmserve.manifest import BundleError, Manifest
+
+__all__ = ["ModelRuntime", "RuntimeConfigError", "choose_precision", "choose_provider"]
+
+logger = logging.getLogger("rmserve.service.runtime")
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class RuntimeConfigError(ValueError):
+    """A provider/precision request that this machine or this bundle cannot satisfy."""
+
+
+def choose_provider(requested: str, available: list[str]) -> str:
+    """``cpu`` or ``cuda`` for a requested ``auto|cpu|cuda`` and ORT's available providers."""
+    has_cuda = ORT_PROVIDERS["cuda"] in available
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeConfigError(
+            f"provider cuda was asked for but onnxruntime offers only {available}; install "
+            "the gpu extra (onnxruntime-gpu) on a machine with CUDA, or use --provider cpu"
+        )
+    if requested not in ORT_PROVIDERS:
+        raise RuntimeConfigError(f"unknown provider {requested!r}; expected auto, cpu or cuda")
+    return requested
+
+
+def choose_precision(requested: str, provider: str, manifest: Manifest) -> str:
+    """The bundle variant to run for a requested ``auto|fp32|int8|fp16`` on ``provider``."""
+    have = sorted(manifest.variants)
+    if requested == "auto":
+        return "fp16" if provider == "cuda" and "fp16" in manifest.variants else "fp32"
+    if requested not in manifest.variants:
+        raise RuntimeConfigError(
+            f"precision {requested} was asked for but the bundle has only {have}; export it "
+            f"with that variant or pick one of {have}"
+        )
+    if requested == "int8" and provider != "cpu":
+        raise RuntimeConfigError(
+            "the int8 variant (dynamic quantization) runs on CPU only; use --provider cpu "
+            "or --precision fp16/fp32 on CUDA"
+        )
+    if requested == "fp16" and provider != "cuda":
+        raise RuntimeConfigError(
+            "the fp16 variant runs on CUDA only (CPU kernels for fp16 are slow or missing); "
+            "use --precision fp32 or int8 on CPU"
+        )
+    return requested
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    model: str
+    precision: str
+    provider: str
+    file: str
+
+
+class ModelRuntime:
+    """One ORT session over one variant of a bundle."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        *,
+        precision: str = "auto",
+        provider: str = "auto",
+        intra_op_threads: int = 0,
+    ):
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        self.provider = choose_provider(provider, list(ort.get_available_providers()))
+        self.precision = choose_precision(precision, self.provider, manifest)
+        variant = manifest.variants[self.precision]
+        self.path = Path(bundle_dir) / variant.file
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # One batch runs at a time, so all cores go to intra-op parallelism.
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        providers: list[Any] = [ORT_PROVIDERS["cpu"]]
+        if self.provider == "cuda":
+            providers = [(ORT_PROVIDERS["cuda"], {"device_id": 0}), ORT_PROVIDERS["cpu"]]
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=providers
+            )
+        except Exception as e:  # ORT raises its own untyped errors for broken models
+            raise BundleError(f"{self.path} cannot be loaded by onnxruntime: {e}") from e
+        active = self.session.get_providers()
+        if self.provider == "cuda" and ORT_PROVIDERS["cuda"] not in active:
+            raise RuntimeConfigError(
+                f"onnxruntime could not start the CUDA provider (active: {active}); check the "
+                "CUDA/cuDNN libraries, or use --provider cpu"
+            )
+        names = [i.name for i in self.session.get_inputs()]
+        if sorted(names) != sorted(INPUT_NAMES):
+            raise BundleError(
+                f"{self.path} has inputs {names}; a bundle model takes exactly "
+                f"{list(INPUT_NAMES)}; export the bundle again"
+            )
+        self.output_name = self.session.get_outputs()[0].name
+        self.info = RuntimeInfo(
+            model=manifest.model_name,
+            precision=self.precision,
+            provider=self.provider,
+            file=variant.file,
+        )
+        logger.info(
+            "model loaded",
+            extra={
+                "model": manifest.model_name,
+                "precision": self.precision,
+                "provider": self.provider,
+                "file": str(self.path),
+                "ort_providers": active,
+            },
+        )
+
+    def run(
+        self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B,) float32."""
+        (out,) = self.session.run(
+            [self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        rewards: npt.NDArray[np.float32] = np.asarray(out, dtype=np.float32).reshape(-1)  # (B,)
+        if rewards.shape[0] != input_ids.shape[0]:
+            raise RuntimeError(
+                f"model returned {rewards.shape[0]} rewards for a batch of {input_ids.shape[0]}"
+            )
+        return rewards
+
+    def warm_up(self, max_batch_size: int) -> float:
+        """Run a few shapes so the first real requests do not pay for allocations; seconds."""
+        started = time.perf_counter()
+        length = min(self.manifest.max_length, 128)
+        for batch, seq in ((1, 8), (min(max_batch_size, 8), length), (1, length)):
+            ids = np.full((batch, seq), self.manifest.pad_token_id, dtype=np.int64)
+            ids[:, 0] = 1
+            mask = np.ones((batch, seq), dtype=np.int64)
+            self.run(ids, mask)
+        return time.perf_counter() - started

@@ -1,0 +1,159 @@
+"""The scoring core shared by all routes: items -> tokens -> batcher -> rewards.
+
+It maps every way an item can fail to its HTTP answer (:class:`ApiError`) so the routes stay
+small: too many items 413, an item too long or a response that cannot fit 422, a full queue
+429 with Retry-After, a draining server 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from rmserve.manifest import Manifest, load_bundle
+from rmserve.service.batcher import Batcher, BatcherClosedError, InferenceError, QueueFullError
+from rmserve.service.errors import ApiError
+from rmserve.service.runtime import ModelRuntime
+from rmserve.service.settings import ServiceSettings
+from rmserve.service.tokenization import (
+    InvalidItemError,
+    ItemInput,
+    ItemTooLongError,
+    RequestTokenizer,
+    ResponseTooLongAtError,
+)
+
+__all__ = ["LoadedModel", "ScoreResult", "Scorer", "load_model"]
+
+logger = logging.getLogger("rmserve.service.scoring")
+
+
+@dataclass
+class LoadedModel:
+    """A checked bundle with its ORT session and tokenizer, ready to serve."""
+
+    bundle_dir: Path
+    manifest: Manifest
+    runtime: ModelRuntime
+    tokenizer: RequestTokenizer
+
+    def close(self) -> None:
+        self.tokenizer.close()
+
+
+def load_model(settings: ServiceSettings) -> LoadedModel:
+    """Load and check the bundle of ``settings``; raises BundleError or RuntimeConfigError."""
+    if settings.bundle is None:
+        raise ValueError("no bundle given: pass BUNDLE to `rmserve serve` or set RMSERVE_BUNDLE")
+    manifest = load_bundle(settings.bundle)
+    if settings.max_batch_tokens < manifest.max_length:
+        raise ValueError(
+            f"max_batch_tokens ({settings.max_batch_tokens}) is below the bundle's max_length "
+            f"({manifest.max_length}); one long item would not fit a batch. Raise it to at "
+            f"least {manifest.max_length}"
+        )
+    runtime = ModelRuntime(
+        settings.bundle,
+        manifest,
+        precision=settings.precision,
+        provider=settings.provider,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    tokenizer = RequestTokenizer(
+        settings.bundle,
+        manifest,
+        max_item_chars=settings.max_item_chars,
+        threads=settings.tokenizer_threads,
+    )
+    return LoadedModel(settings.bundle, manifest, runtime, tokenizer)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    scores: npt.NDArray[np.float32]  # (n,) raw rewards, request order
+    truncated: list[bool]
+    tokens: int
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+    def timing_headers(self) -> dict[str, str]:
+        """TEI-style timing headers, in milliseconds."""
+        return {
+            "x-tokenization-time": f"{self.tokenize_s * 1000:.3f}",
+            "x-queue-time": f"{self.queue_s * 1000:.3f}",
+            "x-inference-time": f"{self.inference_s * 1000:.3f}",
+        }
+
+
+class Scorer:
+    """Scores items through the tokenizer and the batcher, with the request limits."""
+
+    def __init__(self, model: LoadedModel, batcher: Batcher, settings: ServiceSettings):
+        self.model = model
+        self.manifest = model.manifest
+        self.batcher = batcher
+        self.max_items = settings.max_items_per_request
+
+    async def score(self, items: Sequence[ItemInput], *, truncate_response: bool) -> ScoreResult:
+        if len(items) > self.max_items:
+            raise ApiError(
+                413,
+                "too_many_items",
+                f"the request has {len(items)} items; the limit is {self.max_items} "
+                "(RMSERVE_MAX_ITEMS_PER_REQUEST); split it",
+            )
+        started = time.perf_counter()
+        try:
+            encoded = await self.model.tokenizer.encode(items, truncate_response=truncate_response)
+        except ResponseTooLongAtError as e:
+            raise ApiError(
+                422,
+                "response_too_long",
+                str(e),
+                details={
+                    "index": e.index,
+                    "response_tokens": e.response_tokens,
+                    "prompt_tokens": e.prompt_tokens,
+                    "max_response_tokens": e.budget,
+                    "max_length": e.max_length,
+                },
+            ) from e
+        except ItemTooLongError as e:
+            raise ApiError(
+                422, "item_too_long", str(e), details={"index": e.index, "limit": e.limit}
+            ) from e
+        except InvalidItemError as e:
+            raise ApiError(422, "invalid_item", str(e), details={"index": e.index}) from e
+        tokenize_s = time.perf_counter() - started
+        try:
+            scored = await self.batcher.submit(encoded.ids)
+        except QueueFullError as e:
+            raise ApiError(
+                429, "queue_full", str(e), headers={"Retry-After": str(e.retry_after_s)}
+            ) from e
+        except BatcherClosedError as e:
+            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "1"}) from e
+        except InferenceError as e:
+            raise ApiError(500, "inference_error", str(e)) from e
+        return ScoreResult(
+            scores=scored.scores,
+            truncated=encoded.truncated,
+            tokens=encoded.tokens,
+            tokenize_s=tokenize_s,
+            queue_s=scored.queue_s,
+            inference_s=scored.inference_s,
+        )
+
+    def normalize(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(score - mean) / std with the bundle's statistics."""
+        norm = self.manifest.normalization
+        # In float64: a small std would amplify float32 rounding of the difference.
+        out: npt.NDArray[np.float32] = (scores.astype(np.float64) - norm.mean) / norm.std
+        return out

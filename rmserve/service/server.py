@@ -1,0 +1,81 @@
+"""Run the app under uvicorn, with a graceful shutdown.
+
+On SIGTERM (or SIGINT): ``/readyz`` turns 503 at once, uvicorn stops accepting connections,
+requests already accepted are answered (the batcher keeps running until they are), then the
+lifespan drains the batcher and the process exits 0. ``drain_timeout_s`` bounds the wait.
+
+A bundle that cannot be served is refused before the port is opened: the BundleError (or
+settings) message is logged and the process exits 2, so there is never a half-ready server.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from rmserve.manifest import BundleError
+from rmserve.service.app import create_app
+from rmserve.service.logs import setup_logging
+from rmserve.service.runtime import RuntimeConfigError
+from rmserve.service.scoring import load_model
+from rmserve.service.settings import ServiceSettings
+from rmserve.service.state import ServiceState
+
+__all__ = ["EXIT_BAD_BUNDLE", "serve"]
+
+logger = logging.getLogger("rmserve.service.server")
+
+EXIT_BAD_BUNDLE = 2
+EXIT_START_FAILED = 3
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server that flips readiness before it stops, and exits 0 on SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState):
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._state.draining:
+            logger.info("shutting down: draining", extra={"signal": signal.Signals(sig).name})
+        self._state.draining = True
+        self._state.ready = False
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C
+        # uvicorn re-raises captured signals after shutdown, which would make a clean
+        # drain end with "killed by SIGTERM"; not capturing them lets the process exit 0.
+        self.should_exit = True
+
+
+def serve(settings: ServiceSettings) -> int:
+    """Serve until a signal; the process exit code."""
+    setup_logging(settings.log_level, settings.log_json)
+    if not settings.api_key_list() and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "listening beyond loopback without API keys; set RMSERVE_API_KEYS unless a "
+            "network policy protects the service",
+            extra={"host": settings.host},
+        )
+    try:
+        model = load_model(settings)
+    except (BundleError, RuntimeConfigError, ValueError) as e:
+        logger.error(f"cannot serve the bundle: {e}", extra={"bundle": str(settings.bundle)})
+        return EXIT_BAD_BUNDLE
+    app = create_app(settings, model)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        server_header=False,
+    )
+    server = _DrainingServer(config, app.state.rmserve)
+    server.run()
+    return 0 if server.started else EXIT_START_FAILED

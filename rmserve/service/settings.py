@@ -1,0 +1,170 @@
+"""The service's one settings object: environment variables ``RMSERVE_*`` and CLI flags.
+
+Every field is read from the environment with the prefix ``RMSERVE_`` (``RMSERVE_MAX_WAIT_MS``)
+and is also a flag of ``rmserve serve`` (``--max-wait-ms``); the flag wins over the variable.
+The descriptions here are the flags' help text and the README's settings table.
+
+The defaults are safe: loopback only, bounded queue and request sizes. Settings that would be
+unsafe or contradictory are refused when the object is built, with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["MIN_API_KEY_LENGTH", "ServiceSettings"]
+
+# Shorter keys can be guessed; 16 characters of a random token is the floor we accept.
+MIN_API_KEY_LENGTH = 16
+
+PrecisionChoice = Literal["auto", "fp32", "int8", "fp16"]
+ProviderChoice = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of ``rmserve serve``; environment prefix ``RMSERVE_``."""
+
+    model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="forbid", frozen=True)
+
+    bundle: Path | None = Field(
+        default=None,
+        description="Bundle directory to serve (made by `rmserve export`); the positional "
+        "BUNDLE argument of `rmserve serve`.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface to listen on; 0.0.0.0 for all (in a container).",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated API keys; when set, scoring routes need "
+        "`Authorization: Bearer KEY`. Empty = no authentication. Never logged.",
+    )
+    open_health: bool = Field(
+        default=True,
+        description="Serve /healthz and /readyz without an API key (for probes).",
+    )
+    open_metrics: bool = Field(
+        default=True, description="Serve /metrics without an API key (for Prometheus)."
+    )
+    precision: PrecisionChoice = Field(
+        default="auto",
+        description="Model variant to run: auto = fp16 on CUDA when the bundle has it, else "
+        "fp32; int8 runs on CPU only, fp16 on CUDA only.",
+    )
+    provider: ProviderChoice = Field(
+        default="auto",
+        description="ONNX Runtime execution provider: auto = CUDA when available, else CPU.",
+    )
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads; 0 = ORT's default (one per physical core).",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, le=4096, description="Most items in one model batch."
+    )
+    max_batch_tokens: int = Field(
+        default=16384,
+        ge=2,
+        description="Most padded tokens (items x longest item) in one model batch; must be at "
+        "least the bundle's max_length.",
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Longest time the first queued item waits for a batch to fill.",
+    )
+    max_queue_items: int = Field(
+        default=4096,
+        ge=1,
+        description="Most items queued; beyond it requests get 429 with Retry-After.",
+    )
+    max_items_per_request: int = Field(
+        default=1024, ge=1, description="Most items in one request; beyond it 413."
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes; beyond it 413, refused before it is "
+        "read whole.",
+    )
+    max_item_chars: int = Field(
+        default=200_000,
+        ge=1,
+        description="Most characters in one rendered item (prompt + response); beyond it 422.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="On SIGTERM, how long queued and in-flight work may take before the "
+        "process exits anyway.",
+    )
+    log_level: LogLevel = Field(
+        default="info", description="Least severe log level written (debug, info, ...)."
+    )
+    log_json: bool = Field(
+        default=True, description="Log one JSON object per line (with the request id)."
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins allowed by CORS; empty = no CORS headers.",
+    )
+    warmup: bool = Field(
+        default=True,
+        description="Run a few batches at start-up before /readyz turns 200.",
+    )
+    tokenizer_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads that render and tokenize requests off the event loop.",
+    )
+    compat_normalize: bool = Field(
+        default=False,
+        description="Normalize rewards (bundle mean/std) in the OpenRLHF /get_reward and "
+        "vLLM /classify routes, which have no per-request option.",
+    )
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> ServiceSettings:
+        for key in self.api_key_list():
+            if len(key) < MIN_API_KEY_LENGTH:
+                raise ValueError(
+                    f"RMSERVE_API_KEYS holds a key of {len(key)} characters; use keys of at "
+                    f"least {MIN_API_KEY_LENGTH} (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`)"
+                )
+            if any(c.isspace() for c in key):
+                raise ValueError("RMSERVE_API_KEYS holds a key with whitespace; keys are tokens")
+        if self.max_queue_items < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) is below max_batch_size "
+                f"({self.max_batch_size}); a full batch could never queue. Raise max_queue_items"
+            )
+        if self.max_items_per_request > self.max_queue_items:
+            raise ValueError(
+                f"max_items_per_request ({self.max_items_per_request}) exceeds max_queue_items "
+                f"({self.max_queue_items}); such a request could never be accepted. Lower it"
+            )
+        if "*" in self.cors_origin_list() and self.api_key_list():
+            raise ValueError(
+                "cors_origins '*' with API keys lets any web page spend the keys of a browser "
+                "user; list the allowed origins explicitly"
+            )
+        return self
+
+    def api_key_list(self) -> list[str]:
+        """The configured keys; empty when authentication is off."""
+        raw = self.api_keys.get_secret_value()
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

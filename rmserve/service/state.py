@@ -1,0 +1,47 @@
+"""What the routes share: settings, metrics, the loaded model and the scorer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from rmserve.service.errors import ApiError
+from rmserve.service.metrics import ServiceMetrics
+from rmserve.service.scoring import LoadedModel, Scorer
+from rmserve.service.settings import ServiceSettings
+
+__all__ = ["ScorerDep", "ServiceState", "StateDep", "get_scorer", "get_state"]
+
+
+@dataclass
+class ServiceState:
+    settings: ServiceSettings
+    metrics: ServiceMetrics
+    model: LoadedModel | None = None
+    scorer: Scorer | None = None
+    ready: bool = False  # bundle loaded and warmed up
+    draining: bool = False  # SIGTERM received: finishing work, taking none
+    created: int = field(default=0)
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.rmserve
+    return state
+
+
+def get_scorer(request: Request) -> Scorer:
+    state = get_state(request)
+    if state.scorer is None:
+        raise ApiError(
+            503,
+            "unavailable",
+            "the model is still loading; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    return state.scorer
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ScorerDep = Annotated[Scorer, Depends(get_scorer)]

@@ -1,0 +1,155 @@
+"""Render and tokenize request items off the event loop, the way training did.
+
+Items come in the three forms of DESIGN.md: a (prompt, response) pair, a conversation whose
+last message is the response, or text already rendered by the caller. Each is rendered with
+the bundle's ``text_format`` by :mod:`rmserve.formatting` and encoded by
+:class:`rmserve.encoding.PairEncoder` over the bundle's ``tokenizer.json``: the same two
+functions training used, so the ids are the ones the model was trained and exported on.
+
+A request's items are rendered and encoded together in one call to the tokenizer (Rust,
+parallel across items) inside a small thread pool, so the event loop never tokenizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.formatting import (
+    FormattingError,
+    RenderedText,
+    TextFormat,
+    messages_from_pair,
+    render,
+    render_text,
+)
+from rmserve.manifest import TOKENIZER_NAME, Manifest
+
+__all__ = [
+    "EncodedItems",
+    "InvalidItemError",
+    "ItemInput",
+    "ItemTooLongError",
+    "RequestTokenizer",
+    "ResponseTooLongAtError",
+]
+
+
+class InvalidItemError(ValueError):
+    """An item that cannot be rendered (bad roles, empty conversation)."""
+
+    def __init__(self, index: int, message: str):
+        self.index = index
+        super().__init__(f"item {index}: {message}")
+
+
+class ItemTooLongError(ValueError):
+    """An item whose rendered text exceeds ``max_item_chars``."""
+
+    def __init__(self, index: int, chars: int, limit: int):
+        self.index, self.chars, self.limit = index, chars, limit
+        super().__init__(
+            f"item {index} has {chars} characters once rendered; the limit is {limit} "
+            "(RMSERVE_MAX_ITEM_CHARS); shorten it"
+        )
+
+
+class ResponseTooLongAtError(ValueError):
+    """:class:`ResponseTooLong` for one item of a request, with its index and lengths."""
+
+    def __init__(self, index: int, error: ResponseTooLong):
+        self.index = index
+        self.response_tokens = error.response_tokens
+        self.prompt_tokens = error.prompt_tokens
+        self.budget = error.budget
+        self.max_length = error.max_length
+        super().__init__(f"item {index}: {error}")
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """One item to score, in one of the three input forms."""
+
+    prompt: str | Sequence[Mapping[str, Any]] | None = None
+    response: str | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    text: str | None = None
+    # For caller-rendered text whose prompt is known to be its first characters (OpenRLHF
+    # sends both); lets truncation drop prompt tokens first instead of cutting blindly.
+    response_start: int | None = None
+
+    def render(self, text_format: TextFormat) -> RenderedText:
+        if self.text is not None:
+            rendered = render_text(self.text)
+            if self.response_start is not None:
+                return RenderedText(text=rendered.text, response_start=self.response_start)
+            return rendered
+        if self.messages is not None:
+            return render(self.messages, text_format)
+        if self.prompt is not None and self.response is not None:
+            return render(messages_from_pair(self.prompt, self.response), text_format)
+        raise FormattingError("an item needs prompt and response, messages, or text")
+
+
+@dataclass(frozen=True)
+class EncodedItems:
+    ids: list[npt.NDArray[np.int64]]  # one (T_i,) array per item
+    truncated: list[bool]
+    tokens: int  # sum of T_i
+
+
+class RequestTokenizer:
+    """Renders and encodes items with the bundle's format and tokenizer."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, *, max_item_chars: int, threads: int):
+        self.manifest = manifest
+        self.text_format = manifest.text_format
+        self.max_item_chars = max_item_chars
+        self.encoder = PairEncoder.from_file(
+            str(Path(bundle_dir) / TOKENIZER_NAME), manifest.max_length
+        )
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmserve-tok")
+
+    async def encode(self, items: Sequence[ItemInput], *, truncate_response: bool) -> EncodedItems:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self.encode_sync, items, truncate_response
+        )
+
+    def encode_sync(self, items: Sequence[ItemInput], truncate_response: bool) -> EncodedItems:
+        rendered: list[RenderedText] = []
+        for index, item in enumerate(items):
+            try:
+                text = item.render(self.text_format)
+            except FormattingError as e:
+                raise InvalidItemError(index, str(e)) from e
+            if len(text.text) > self.max_item_chars:
+                raise ItemTooLongError(index, len(text.text), self.max_item_chars)
+            rendered.append(text)
+        try:
+            encoded = self.encoder.encode_batch(rendered, truncate_response=truncate_response)
+        except ResponseTooLong:
+            # Rare: find which item it was, so the error names it.
+            for index, text in enumerate(rendered):
+                try:
+                    self.encoder.encode(text, truncate_response=truncate_response)
+                except ResponseTooLong as e:
+                    raise ResponseTooLongAtError(index, e) from e
+            raise
+        ids = [np.asarray(pair.ids, dtype=np.int64) for pair in encoded]
+        return EncodedItems(
+            ids=ids,
+            truncated=[pair.truncated for pair in encoded],
+            tokens=sum(int(a.shape[0]) for a in ids),
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)

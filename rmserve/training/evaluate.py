@@ -1,0 +1,182 @@
+"""Pairwise evaluation of a reward model: accuracy, margin and the shorter-wins baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rmserve.encoding import PairEncoder
+from rmserve.formatting import RenderedText, TextFormat
+from rmserve.manifest import MANIFEST_NAME, TOKENIZER_NAME, load_bundle
+from rmserve.training.data import PreferenceExample
+from rmserve.training.scoring import BatchScorer, onnx_scorer, score_ids
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = [
+    "EncodedExamples",
+    "PairScores",
+    "encode_examples",
+    "evaluate_model",
+    "pair_metrics",
+    "score_pairs",
+]
+
+
+@dataclass(frozen=True)
+class EncodedExamples:
+    """Every response of every example as ids, and the (winner, loser) pairs between them."""
+
+    ids: list[list[int]]  # one row per response
+    winners: list[int]  # row index of each pair's preferred response
+    losers: list[int]  # row index of each pair's other response
+    response_chars: list[int]  # characters of each row's response (for the length baseline)
+    truncated: int  # rows that lost tokens to max_length
+
+
+@dataclass(frozen=True)
+class PairScores:
+    chosen: npt.NDArray[np.float64]  # (P,) reward of the preferred response
+    rejected: npt.NDArray[np.float64]  # (P,) reward of the other one
+    chosen_chars: npt.NDArray[np.int64]  # (P,) response lengths in characters
+    rejected_chars: npt.NDArray[np.int64]  # (P,)
+
+
+def encode_examples(
+    examples: Sequence[PreferenceExample], encoder: PairEncoder, text_format: TextFormat
+) -> EncodedExamples:
+    """Render and encode all responses; a response longer than max_length keeps its start
+    (evaluation scores every pair rather than refusing some)."""
+    rendered: list[RenderedText] = []
+    winners: list[int] = []
+    losers: list[int] = []
+    chars: list[int] = []
+    for example in examples:
+        base = len(rendered)
+        rendered.extend(example.rendered(text_format))
+        chars.extend(len(r) for r in example.responses)
+        for w, lo in example.pairs():
+            winners.append(base + w)
+            losers.append(base + lo)
+    encoded = encoder.encode_batch(rendered, truncate_response=True)
+    return EncodedExamples(
+        ids=[e.ids for e in encoded],
+        winners=winners,
+        losers=losers,
+        response_chars=chars,
+        truncated=sum(e.truncated for e in encoded),
+    )
+
+
+def score_pairs(
+    encoded: EncodedExamples, scorer: BatchScorer, pad_token_id: int, batch_size: int = 32
+) -> PairScores:
+    import numpy as np
+
+    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)
+    chars = np.asarray(encoded.response_chars, dtype=np.int64)
+    return PairScores(
+        chosen=rewards[encoded.winners],
+        rejected=rewards[encoded.losers],
+        chosen_chars=chars[encoded.winners],
+        rejected_chars=chars[encoded.losers],
+    )
+
+
+def pair_metrics(scores: PairScores) -> dict[str, float | int]:
+    """accuracy (ties count half), n, mean_margin, and the shorter-response-wins accuracy."""
+    import numpy as np
+
+    n = len(scores.chosen)
+    if n == 0:
+        raise ValueError("no pairs to evaluate")
+    margin = scores.chosen - scores.rejected
+    accuracy = float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))))
+    length_gap = scores.rejected_chars - scores.chosen_chars  # > 0: the chosen one is shorter
+    shorter = float(np.mean(np.where(length_gap > 0, 1.0, np.where(length_gap == 0, 0.5, 0.0))))
+    return {
+        "accuracy": accuracy,
+        "n": n,
+        "mean_margin": float(np.mean(margin)),
+        "shorter_wins_accuracy": shorter,
+    }
+
+
+def evaluate_model(
+    model: str | Path,
+    data: str,
+    *,
+    precision: str = "fp32",
+    max_length: int | None = None,
+    batch_size: int = 32,
+    skip_malformed: bool = False,
+    limit: int | None = None,
+    report_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a bundle (a folder with rmserve.json) or a checkpoint on ``data``.
+
+    Returns the JSON line of ``rmserve eval``: accuracy, n, mean_margin,
+    shorter_wins_accuracy, plus where it came from and how many pairs were truncated.
+    """
+    from rmserve.training.data import read_examples
+
+    root = Path(model)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; pass a checkpoint or bundle folder")
+    if (root / MANIFEST_NAME).is_file():
+        manifest = load_bundle(root)
+        if precision not in manifest.variants:
+            raise ValueError(
+                f"bundle {root} has no {precision} variant (it has "
+                f"{', '.join(sorted(manifest.variants))}); export it with --{precision}"
+            )
+        fmt = manifest.text_format
+        length = max_length or manifest.max_length
+        pad_token_id = manifest.pad_token_id
+        encoder = PairEncoder.from_file(str(root / TOKENIZER_NAME), length)
+        scorer = onnx_scorer(str(root / manifest.variants[precision].file))
+        kind = "bundle"
+    else:
+        from rmserve.training.metadata import TrainingInfo
+        from rmserve.training.modeling import (
+            architecture_of,
+            load_reward_model,
+            load_tokenizer,
+        )
+        from rmserve.training.scoring import torch_scorer
+
+        if precision != "fp32":
+            raise ValueError("--precision applies to bundles; a checkpoint is evaluated in fp32")
+        info = TrainingInfo.read(root)
+        tokenizer = load_tokenizer(str(root))
+        net = load_reward_model(str(root), pad_token_id=tokenizer.pad_token_id)
+        _, pooling = architecture_of(net)
+        fmt = info.text_format if info else TextFormat()
+        length = max_length or (info.max_length if info else 512)
+        pad_token_id = int(tokenizer.pad_token_id)
+        encoder = PairEncoder(tokenizer.backend_tokenizer, length)
+        scorer = torch_scorer(net, pooling)
+        kind = "checkpoint"
+
+    read = read_examples(data, skip_malformed=skip_malformed, text_format=fmt, limit=limit)
+    encoded = encode_examples(read.examples, encoder, fmt)
+    scores = score_pairs(encoded, scorer, pad_token_id, batch_size)
+    result: dict[str, Any] = dict(pair_metrics(scores))
+    result |= {
+        "model": str(root),
+        "kind": kind,
+        "precision": precision,
+        "data": str(data),
+        "skipped": read.skipped,
+        "truncated": encoded.truncated,
+        "max_length": length,
+    }
+    if report_dir is not None:
+        from rmserve.training.report import write_report
+
+        result["report"] = str(write_report(Path(report_dir), scores, result))
+    return result

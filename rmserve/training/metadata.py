@@ -1,0 +1,63 @@
+"""``rmserve_training.json``: what training knows that export needs, saved beside the checkpoint.
+
+The trainer writes it into ``--out``; ``rmserve export`` reads it to fill the manifest (max
+length, text format, reward normalization measured on the training pairs, evaluation on the
+eval set). A checkpoint without it (any transformers folder) can still be exported; the
+missing numbers then come from ``--eval-data`` or are marked as not measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rmserve.formatting import TextFormat
+from rmserve.manifest import Evaluation, Normalization
+
+__all__ = ["TRAINING_INFO_NAME", "TrainingInfo"]
+
+TRAINING_INFO_NAME = "rmserve_training.json"
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    base_model: str  # what --base was (resolved), recorded in the manifest
+    max_length: int  # tokens per (prompt, response), special tokens included
+    text_format: TextFormat  # how conversations were rendered at training time
+    normalization: Normalization | None = None  # reward mean/std on the training pairs
+    evaluation: Evaluation | None = None  # final accuracy on --eval-data
+    train_data: str | None = None  # where the training pairs came from
+    eval_data: str | None = None  # the eval set; export reuses it for int8/fp16 parity
+
+    def write(self, checkpoint_dir: str | Path) -> Path:
+        data = asdict(self)
+        data["text_format"] = self.text_format.to_dict()
+        path = Path(checkpoint_dir) / TRAINING_INFO_NAME
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, checkpoint_dir: str | Path) -> TrainingInfo | None:
+        """The info saved beside a checkpoint, or None when the folder has none."""
+        path = Path(checkpoint_dir) / TRAINING_INFO_NAME
+        if not path.is_file():
+            return None
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            norm = data.get("normalization")
+            ev = data.get("evaluation")
+            return cls(
+                base_model=str(data["base_model"]),
+                max_length=int(data["max_length"]),
+                text_format=TextFormat.from_dict(data["text_format"]),
+                normalization=Normalization(**norm) if norm else None,
+                evaluation=Evaluation(**ev) if ev else None,
+                train_data=data.get("train_data"),
+                eval_data=data.get("eval_data"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path} is malformed ({e}); delete it or train the checkpoint again"
+            ) from e

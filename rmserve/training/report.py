@@ -1,0 +1,151 @@
+"""``rmserve eval --report DIR``: report.md with three PNG plots.
+
+- ``rewards.png``: histograms of r(chosen) and r(rejected);
+- ``accuracy_by_length.png``: accuracy per quintile of the pair's response length;
+- ``calibration.png``: reliability of sigmoid(r_w - r_l) as the probability of preference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rmserve.training.evaluate import PairScores
+
+__all__ = ["calibration_bins", "length_bins", "write_report"]
+
+
+def length_bins(scores: PairScores, bins: int = 5) -> list[tuple[int, int, float, int]]:
+    """(min chars, max chars, accuracy, pairs) per quantile bin of the mean response length."""
+    import numpy as np
+
+    length = (scores.chosen_chars + scores.rejected_chars) / 2  # (P,)
+    correct = (scores.chosen > scores.rejected).astype(np.float64)
+    order = np.argsort(length, kind="stable")
+    out = []
+    for chunk in np.array_split(order, min(bins, len(order))):
+        if len(chunk):
+            out.append(
+                (
+                    int(length[chunk].min()),
+                    int(length[chunk].max()),
+                    float(correct[chunk].mean()),
+                    len(chunk),
+                )
+            )
+    return out
+
+
+def calibration_bins(scores: PairScores, bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean predicted, observed frequency, count) per bin of p = sigmoid(r_a - r_b).
+
+    Each pair enters twice, once per orientation, (p, 1) for chosen-vs-rejected and
+    (1 - p, 0) for the reverse, so that the diagram covers the whole [0, 1] range.
+    """
+    import numpy as np
+
+    p = 1.0 / (1.0 + np.exp(-(scores.chosen - scores.rejected)))  # (P,)
+    predicted = np.concatenate([p, 1.0 - p])
+    observed = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(predicted, edges) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            out.append(
+                (float(predicted[mask].mean()), float(observed[mask].mean()), int(mask.sum()))
+            )
+    return out
+
+
+def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> Path:
+    """Write the plots and report.md into ``out_dir``; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    both = np.concatenate([scores.chosen, scores.rejected])
+    edges = np.linspace(both.min(), both.max() + 1e-9, 31)
+    ax.hist(scores.chosen, bins=edges.tolist(), alpha=0.6, label="chosen")
+    ax.hist(scores.rejected, bins=edges.tolist(), alpha=0.6, label="rejected")
+    ax.set(xlabel="reward", ylabel="responses", title="Rewards of chosen vs rejected")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "rewards.png", dpi=100)
+    plt.close(fig)
+
+    by_length = length_bins(scores)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"{lo}-{hi}" for lo, hi, _, _ in by_length]
+    ax.bar(labels, [acc for _, _, acc, _ in by_length])
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(
+        xlabel="mean response length (characters)",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title="Accuracy by length",
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_by_length.png", dpi=100)
+    plt.close(fig)
+
+    calibration = calibration_bins(scores)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    ax.plot([c[0] for c in calibration], [c[1] for c in calibration], marker="o", label="model")
+    ax.set(
+        xlabel="predicted sigmoid(r_a - r_b)",
+        ylabel="observed P(a preferred)",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Calibration",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "calibration.png", dpi=100)
+    plt.close(fig)
+
+    lines = [
+        "# Reward model evaluation",
+        "",
+        f"- model: `{metrics.get('model')}` ({metrics.get('kind')}, {metrics.get('precision')})",
+        f"- data: `{metrics.get('data')}` ({metrics['n']} pairs, {metrics.get('skipped', 0)} "
+        f"malformed rows skipped, {metrics.get('truncated', 0)} responses truncated)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {metrics['accuracy']:.4f} |",
+        f"| shorter response wins (baseline) | {metrics['shorter_wins_accuracy']:.4f} |",
+        f"| mean margin r(chosen) - r(rejected) | {metrics['mean_margin']:.4f} |",
+        "",
+        "## Rewards",
+        "",
+        "![rewards](rewards.png)",
+        "",
+        "## Accuracy by length",
+        "",
+        "| mean response length (chars) | pairs | accuracy |",
+        "|---|---|---|",
+        *[f"| {lo}-{hi} | {n} | {acc:.3f} |" for lo, hi, acc, n in by_length],
+        "",
+        "![accuracy by length](accuracy_by_length.png)",
+        "",
+        "## Calibration of sigmoid(r_w - r_l)",
+        "",
+        "| predicted | observed | count |",
+        "|---|---|---|",
+        *[f"| {pred:.3f} | {obs:.3f} | {n} |" for pred, obs, n in calibration],
+        "",
+        "![calibration](calibration.png)",
+        "",
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

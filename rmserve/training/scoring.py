@@ -1,0 +1,94 @@
+"""Batched rewards for encoded ids, in torch (a checkpoint) or onnxruntime (a bundle).
+
+Both pad on the right with the pad token id and an attention mask, in length-sorted batches,
+so an item's reward does not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rmserve.manifest import Pooling
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from transformers import PreTrainedModel
+
+__all__ = ["BatchScorer", "onnx_scorer", "pad_batch", "score_ids", "torch_scorer"]
+
+# (input_ids (B, T) int64, attention_mask (B, T) int64) -> rewards (B,) float32
+BatchScorer = Callable[["npt.NDArray[np.int64]", "npt.NDArray[np.int64]"], "npt.NDArray[Any]"]
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Right-padded (input_ids, attention_mask), both (B, T) int64."""
+    import numpy as np
+
+    width = max(len(row) for row in ids)
+    input_ids = np.full((len(ids), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return input_ids, mask
+
+
+def score_ids(
+    scorer: BatchScorer,
+    ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> npt.NDArray[np.float64]:
+    """Rewards for many sequences, in the input order; batches are sorted by length."""
+    import numpy as np
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros(len(ids), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in chunk], pad_token_id)
+        out[chunk] = scorer(input_ids, mask)
+    return out
+
+
+def torch_scorer(model: PreTrainedModel, pooling: Pooling) -> BatchScorer:
+    """A scorer that runs a transformers model in eval mode without gradients."""
+    import torch
+
+    from rmserve.training.modeling import reward_forward
+
+    model.train(False)  # eval mode: dropout off
+    device = next(model.parameters()).device
+
+    def run(input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        with torch.no_grad():
+            rewards = reward_forward(
+                model,
+                torch.from_numpy(input_ids).to(device),
+                torch.from_numpy(mask).to(device),
+                pooling,
+            )
+        return rewards.float().cpu().numpy()
+
+    return run
+
+
+def onnx_scorer(model_path: str, providers: Sequence[str] | None = None) -> BatchScorer:
+    """A scorer over an ONNX Runtime session of a bundle's model file."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # quantized models warn about every un-fused node
+    session = ort.InferenceSession(
+        model_path, options, providers=list(providers or ["CPUExecutionProvider"])
+    )
+
+    def run(input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        (rewards,) = session.run(["reward"], {"input_ids": input_ids, "attention_mask": mask})
+        return rewards  # type: ignore[no-any-return]
+
+    return run

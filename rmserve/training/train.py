@@ -1,0 +1,184 @@
+"""The training run behind ``rmserve train``: data -> RewardTrainer -> checkpoint folder.
+
+The folder it writes is a transformers checkpoint (``AutoModelForSequenceClassification``
+loads it, with its tokenizer) plus ``rmserve_training.json`` (max length, text format, reward
+normalization on the training pairs, final evaluation) that ``rmserve export`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rmserve.encoding import PairEncoder
+from rmserve.formatting import TextFormat
+from rmserve.manifest import Evaluation, Normalization
+from rmserve.training.config import RewardConfig
+from rmserve.training.data import PreferenceExample, ReadResult, read_examples
+from rmserve.training.metadata import TrainingInfo
+from rmserve.training.modeling import (
+    RewardModel,
+    architecture_of,
+    load_reward_model,
+    load_tokenizer,
+    resolve_base,
+)
+from rmserve.training.trainer import PreferenceDataset, RewardTrainer
+
+__all__ = ["TrainResult", "shorter_wins_accuracy", "train_reward_model"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path  # the checkpoint folder
+    train_loss: float  # mean training loss over the run
+    losses: list[float]  # the logged training losses, in order
+    evaluation: Evaluation | None  # on the eval data, when given
+    normalization: Normalization
+    train_examples: int
+    skipped: int  # malformed training rows skipped
+
+
+def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
+    """Accuracy of "the shorter response wins" (in characters; ties count half)."""
+    scores = []
+    for example in examples:
+        for w, lo in example.pairs():
+            gap = len(example.responses[lo]) - len(example.responses[w])
+            scores.append(1.0 if gap > 0 else 0.5 if gap == 0 else 0.0)
+    return sum(scores) / max(1, len(scores))
+
+
+def _log(message: str) -> None:
+    print(f"rmserve train: {message}", file=sys.stderr, flush=True)
+
+
+def _report(result: ReadResult, what: str) -> None:
+    _log(f"{what}: {len(result.examples)} examples ({result.shape}) from {result.source}")
+    if result.skipped:
+        _log(f"{what}: skipped {result.skipped} malformed rows, e.g. {result.problems[0]}")
+
+
+def train_reward_model(
+    data: str,
+    out: str | Path,
+    config: RewardConfig,
+    *,
+    base: str = "minilm",
+    eval_data: str | None = None,
+    skip_malformed: bool = False,
+    limit: int | None = None,
+    text_format: TextFormat | None = None,
+) -> TrainResult:
+    """Train a Bradley-Terry reward model on ``data`` and save it to ``out``."""
+    import torch
+
+    fmt = text_format or TextFormat()
+    base_path = resolve_base(base)
+    tokenizer = load_tokenizer(base_path)
+    model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id)
+    kind, pooling = architecture_of(model)
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if positions and config.max_length > positions:
+        raise ValueError(
+            f"--max-length {config.max_length} exceeds the {positions} positions of {base}; "
+            f"pass --max-length {positions} or less"
+        )
+
+    train_read = read_examples(data, skip_malformed=skip_malformed, text_format=fmt, limit=limit)
+    _report(train_read, "train")
+    eval_read = None
+    if eval_data:
+        eval_read = read_examples(eval_data, skip_malformed=skip_malformed, text_format=fmt)
+        _report(eval_read, "eval")
+
+    encoder = PairEncoder(tokenizer.backend_tokenizer, config.max_length)
+    train_set = PreferenceDataset(
+        train_read.examples,
+        encoder,
+        fmt,
+        truncate_long_responses=config.truncate_long_responses,
+    )
+    eval_set = (
+        PreferenceDataset(eval_read.examples, encoder, fmt, truncate_long_responses=True)
+        if eval_read
+        else None
+    )
+    _log(
+        f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
+        f"examples, {train_set.truncated} truncated to {config.max_length} tokens, "
+        f"{train_set.dropped} dropped (response too long)"
+    )
+
+    torch.manual_seed(config.seed)
+    reward_model = RewardModel(model, pooling)
+    trainer = RewardTrainer(
+        reward_model,
+        config,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        pad_token_id=int(tokenizer.pad_token_id),
+    )
+    output = trainer.train()
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+    evaluation = None
+    if eval_set is not None and eval_read is not None:
+        metrics = trainer.evaluate()
+        evaluation = Evaluation(
+            accuracy=float(metrics["eval_accuracy"]),
+            n=sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in eval_read.examples),
+            data=str(eval_data),
+            mean_margin=float(metrics["eval_mean_margin"]),
+            shorter_wins_accuracy=shorter_wins_accuracy(eval_read.examples),
+        )
+    normalization = trainer.measure_normalization(train_set, seed=config.seed)
+
+    out_path = Path(out)
+    trainer.save_model(str(out_path))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out_path))
+        TrainingInfo(
+            base_model=base_path if base != "minilm" else f"minilm ({base_path})",
+            max_length=config.max_length,
+            text_format=fmt,
+            normalization=normalization,
+            evaluation=evaluation,
+            train_data=str(data),
+            eval_data=str(Path(eval_data).resolve())
+            if eval_data and Path(eval_data).exists()
+            else eval_data,
+        ).write(out_path)
+        summary: dict[str, Any] = {
+            "out": str(out_path),
+            "train_loss": output.training_loss,
+            "train_examples": len(train_set),
+            "skipped": train_read.skipped,
+            "steps": trainer.state.global_step,
+            "seconds": trainer.state.log_history[-1].get("train_runtime")
+            if trainer.state.log_history
+            else None,
+        }
+        if evaluation is not None:
+            summary |= {
+                "eval_accuracy": evaluation.accuracy,
+                "eval_n": evaluation.n,
+                "shorter_wins_accuracy": evaluation.shorter_wins_accuracy,
+            }
+        print(json.dumps(summary), flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank leaves before the checkpoint is complete
+    return TrainResult(
+        out=out_path,
+        train_loss=float(output.training_loss),
+        losses=losses,
+        evaluation=evaluation,
+        normalization=normalization,
+        train_examples=len(train_set),
+        skipped=train_read.skipped,
+    )

@@ -1,0 +1,243 @@
+"""``RewardTrainer``: transformers' ``Trainer`` with the Bradley-Terry loss.
+
+Because it is a ``Trainer`` (custom ``compute_loss``, collator and sampler, nothing else), it
+runs unchanged on one CPU, one GPU, or several processes under ``torchrun``/``accelerate``
+(DDP or DeepSpeed). The model it trains is :class:`rmserve.training.modeling.RewardModel`, so
+the whole reward computation (backbone and pooling) sits inside the one forward that DDP
+wraps; checkpoints are saved from the inner transformers model, in transformers' format.
+
+The text for each (prompt, response) comes from :func:`rmserve.formatting.render` and the ids
+from :class:`rmserve.encoding.PairEncoder` over the tokenizer's backend, exactly as the server
+computes them from the bundle's ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.formatting import TextFormat
+from rmserve.manifest import Normalization
+from rmserve.training.config import RewardConfig
+from rmserve.training.data import PreferenceExample
+from rmserve.training.loss import bradley_terry_loss
+from rmserve.training.modeling import RewardModel
+from rmserve.training.scoring import score_ids, torch_scorer
+
+__all__ = [
+    "PreferenceCollator",
+    "PreferenceDataset",
+    "RewardTrainer",
+    "compute_pair_metrics",
+]
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    ids: list[list[int]]  # one row per response, best first
+    margin: float
+
+
+class PreferenceDataset(torch.utils.data.Dataset[dict[str, Any]]):
+    """Examples encoded once, up front (the tokenizer is Rust and batched: seconds for 10k)."""
+
+    def __init__(
+        self,
+        examples: Sequence[PreferenceExample],
+        encoder: PairEncoder,
+        text_format: TextFormat | None = None,
+        *,
+        truncate_long_responses: bool = True,
+    ):
+        rendered = [example.rendered(text_format) for example in examples]
+        flat = [r for group in rendered for r in group]
+        self.items: list[EncodedExample] = []
+        self.truncated = 0  # examples that lost tokens (prompt, or response start kept)
+        self.dropped = 0  # examples left out: a response too long, and truncation not allowed
+        if truncate_long_responses:
+            encoded = encoder.encode_batch(flat, truncate_response=True)
+        start = 0
+        for example, group in zip(examples, rendered, strict=True):
+            if truncate_long_responses:
+                pairs = encoded[start : start + len(group)]
+                start += len(group)
+            else:
+                try:
+                    pairs = encoder.encode_batch(group)
+                except ResponseTooLong:
+                    self.dropped += 1
+                    continue
+            self.truncated += any(p.truncated for p in pairs)
+            self.items.append(EncodedExample([p.ids for p in pairs], example.margin))
+        if not self.items:
+            raise ValueError("no training examples left after encoding (all were too long)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        return {"input_ids": item.ids, "margin": item.margin}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Padded tokens each example brings to a batch: K rows x its longest row."""
+        return [len(item.ids) * max(len(row) for row in item.ids) for item in self.items]
+
+
+@dataclass(frozen=True)
+class PreferenceCollator:
+    """Flattens the K responses of each example into rows and lists the pairs between them."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows: list[list[int]] = []
+        winners: list[int] = []
+        losers: list[int] = []
+        margins: list[float] = []
+        weights: list[float] = []
+        for feature in features:
+            base = len(rows)
+            k = len(feature["input_ids"])
+            rows.extend(feature["input_ids"])
+            num_pairs = k * (k - 1) // 2
+            for i in range(k):
+                for j in range(i + 1, k):
+                    winners.append(base + i)
+                    losers.append(base + j)
+                    margins.append(float(feature["margin"]))
+                    # Each example weighs the same, whatever its K (InstructGPT).
+                    weights.append(1.0 / (num_pairs * len(features)))
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):  # right padding: first/last real positions stay exact
+            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[r, : len(row)] = 1
+        return {
+            "input_ids": input_ids,  # (N, T)
+            "attention_mask": attention_mask,  # (N, T)
+            "winners": torch.tensor(winners, dtype=torch.long),  # (P,) row of the preferred
+            "losers": torch.tensor(losers, dtype=torch.long),  # (P,)
+            "margins": torch.tensor(margins, dtype=torch.float32),  # (P,)
+            "pair_weights": torch.tensor(weights, dtype=torch.float32),  # (P,) sums to 1
+        }
+
+
+def compute_pair_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Eval metrics from the (P, 2) [chosen, rejected] rewards that prediction_step returns."""
+    rewards = np.asarray(prediction.predictions, dtype=np.float64)  # (P, 2)
+    margin = rewards[:, 0] - rewards[:, 1]
+    accuracy = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)).mean()
+    return {"accuracy": float(accuracy), "mean_margin": float(margin.mean())}
+
+
+class RewardTrainer(Trainer):
+    """Trains a :class:`RewardModel` on a :class:`PreferenceDataset` with the BT loss."""
+
+    args: RewardConfig
+
+    def __init__(
+        self,
+        model: RewardModel,
+        args: RewardConfig,
+        train_dataset: PreferenceDataset,
+        pad_token_id: int,
+        eval_dataset: PreferenceDataset | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=PreferenceCollator(pad_token_id),
+            compute_metrics=compute_pair_metrics,
+            **kwargs,
+        )
+        self.pad_token_id = pad_token_id
+
+    def _get_train_sampler(
+        self, train_dataset: torch.utils.data.Dataset[Any] | None = None
+    ) -> torch.utils.data.Sampler[int] | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(
+            dataset, PreferenceDataset
+        ):
+            # Trainer would measure len(input_ids) = K; the padded size is what matters.
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=dataset.lengths,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rewards = model(inputs["input_ids"], inputs["attention_mask"])  # (N,)
+        chosen = rewards[inputs["winners"]]  # (P,)
+        rejected = rewards[inputs["losers"]]  # (P,)
+        loss = bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=inputs["margins"],
+            pair_weight=inputs["pair_weights"],
+            rewards=rewards,
+            center_coefficient=self.args.center_rewards_coefficient,
+        )
+        if return_outputs:
+            return loss, {"chosen": chosen, "rejected": rejected}
+        return loss
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        pairs = torch.stack([outputs["chosen"], outputs["rejected"]], dim=1)  # (P, 2)
+        # Trainer calls compute_metrics only when labels exist; the pairs carry their own.
+        labels = torch.zeros(pairs.size(0), device=pairs.device)
+        return loss.detach(), pairs.detach(), labels
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        # Save the inner transformers model so that AutoModelForSequenceClassification loads
+        # the folder; the RewardModel wrapper holds no weights of its own.
+        target = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.model.save_pretrained(target, safe_serialization=True)
+
+    def measure_normalization(self, dataset: PreferenceDataset, seed: int = 0) -> Normalization:
+        """Reward mean and std over (a random sample of) the training responses."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        rows = [row for item in dataset.items for row in item.ids]
+        if len(rows) > self.args.normalization_samples:
+            rows = random.Random(seed).sample(rows, self.args.normalization_samples)
+        scorer = torch_scorer(unwrapped.model, unwrapped.pooling)
+        rewards = score_ids(scorer, rows, self.pad_token_id, self.args.per_device_eval_batch_size)
+        total = sum(len(item.ids) for item in dataset.items)
+        return Normalization(
+            mean=float(rewards.mean()),
+            std=float(max(rewards.std(), 1e-6)),
+            n=len(rows),
+            reference=f"training responses ({len(rows)} of {total})",
+        )
