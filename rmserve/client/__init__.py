@@ -48,7 +48,6 @@ from rmserve.client._errors import (
     RequestTooLargeError,
     RewardServerError,
 )
-from rmserve.client._retry import RetryPolicy
 from rmserve.client._trl import (
     AsyncTRLRewardFunction,
     TRLRewardFunction,
@@ -87,7 +86,6 @@ __all__ = [
     "RankResult",
     "RankedResponse",
     "RequestTooLargeError",
-    "RetryPolicy",
     "RewardClient",
     "RewardServerError",
     "ScoreResult",

@@ -64,6 +64,9 @@ from rmserve.client._types import (
 
 __all__ = ["AsyncRewardClient"]
 
+# /readyz answers at once; a probe should not hang for the long scoring read timeout.
+READY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
 
 class AsyncRewardClient:
     """Async client for an rmserve server; arguments as for :class:`RewardClient`.
@@ -226,7 +229,7 @@ class AsyncRewardClient:
         """Whether the server takes traffic (one try; False on 503 or nothing listening)."""
         try:
             response = await self._http.get(
-                self._config.url("/readyz"), headers=self._config.headers
+                self._config.url("/readyz"), headers=self._config.headers, timeout=READY_TIMEOUT
             )
         except httpx.TransportError:
             return False

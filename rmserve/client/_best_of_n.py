@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Union
 
 from rmserve.client._async_client import AsyncRewardClient
 from rmserve.client._client import RewardClient
+from rmserve.client._payloads import check_sequence
 from rmserve.client._types import BestOfN, Prompt, RankResult
 
 __all__ = ["Generate", "async_best_of_n", "best_of_n"]
 
 # generate(prompt, n) -> n candidate responses (sync, or async for async_best_of_n).
 Generate = Callable[[Prompt, int], Sequence[str]]
-AsyncGenerate = Callable[[Prompt, int], Union[Sequence[str], Awaitable[Sequence[str]]]]  # noqa: UP007
+AsyncGenerate = Callable[[Prompt, int], Sequence[str] | Awaitable[Sequence[str]]]
 
 
 def _check_arguments(candidates: Sequence[str] | None, generate: object, n: int | None) -> None:
@@ -33,16 +33,15 @@ def _check_arguments(candidates: Sequence[str] | None, generate: object, n: int 
 
 
 def _check_candidates(candidates: object, expected: int | None) -> tuple[str, ...]:
-    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
-        raise TypeError(f"candidates must be a list of str, got {type(candidates).__name__}")
-    if not candidates:
+    texts = check_sequence(candidates, "candidates")
+    if not texts:
         raise ValueError("best_of_n needs at least one candidate")
-    for i, candidate in enumerate(candidates):
+    for i, candidate in enumerate(texts):
         if not isinstance(candidate, str):
             raise TypeError(f"candidates[{i}] must be a str, got {type(candidate).__name__}")
-    if expected is not None and len(candidates) != expected:
-        raise ValueError(f"generate returned {len(candidates)} candidates, expected n={expected}")
-    return tuple(candidates)
+    if expected is not None and len(texts) != expected:
+        raise ValueError(f"generate returned {len(texts)} candidates, expected n={expected}")
+    return tuple(texts)
 
 
 def _select(candidates: tuple[str, ...], ranking: RankResult) -> BestOfN:

@@ -65,6 +65,9 @@ from rmserve.client._types import (
 
 __all__ = ["RewardClient"]
 
+# /readyz answers at once; a probe should not hang for the long scoring read timeout.
+READY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
 
 class RewardClient:
     """Blocking client for an rmserve server.
@@ -79,7 +82,8 @@ class RewardClient:
         max_items_per_request: the most items one request carries; bigger calls are chunked.
         max_concurrency: the most chunks of one call in flight at once.
         transport: an ``httpx`` transport (tests use ``httpx.MockTransport``).
-        http_client: an ``httpx.Client`` to use instead of creating one; the caller closes it.
+        http_client: an ``httpx.Client`` to use instead of creating one (it keeps its own
+            timeout and limits); the caller closes it.
         headers: extra headers for every request.
     """
 
@@ -249,7 +253,9 @@ class RewardClient:
         the client is misconfigured rather than the server not ready yet.
         """
         try:
-            response = self._http.get(self._config.url("/readyz"), headers=self._config.headers)
+            response = self._http.get(
+                self._config.url("/readyz"), headers=self._config.headers, timeout=READY_TIMEOUT
+            )
         except httpx.TransportError:
             return False
         if response.status_code == 200:

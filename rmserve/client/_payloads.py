@@ -9,7 +9,8 @@ Responses are checked too: a 2xx body without the promised fields raises
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from rmserve.client._types import (
 
 __all__ = [
     "ScoreChunk",
+    "check_sequence",
     "chunked",
     "compare_body",
     "conversation_items",
@@ -56,16 +58,19 @@ def _check_str(value: object, where: str) -> str:
     return value
 
 
-def _check_sequence(value: object, where: str) -> Sequence[Any]:
-    # A str is a Sequence too; treating "abc" as three items would be a silent bug.
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+def check_sequence(value: object, where: str) -> list[Any]:
+    """A list of the items of an ordered collection (list, tuple, numpy array...)."""
+    # A str is a Sequence too; treating "abc" as three items would be a silent bug. A set or
+    # a dict has no order to keep the scores in.
+    unordered = isinstance(value, (AbstractSet, Mapping))
+    if isinstance(value, (str, bytes)) or unordered or not isinstance(value, Collection):
         raise TypeError(f"{where} must be a list, got {type(value).__name__}")
-    return value
+    return list(value)
 
 
 def _messages(value: object, where: str) -> list[dict[str, str]]:
     """Chat messages as ``[{"role", "content"}]``; extra keys (tool_calls, name) are dropped."""
-    sequence = _check_sequence(value, where)
+    sequence = check_sequence(value, where)
     messages = []
     for i, message in enumerate(sequence):
         if not isinstance(message, Mapping):
@@ -85,16 +90,19 @@ def prompt_fields(prompt: object, where: str = "prompt") -> JSON:
     """``{"prompt": text}`` for a string, ``{"messages": [...]}`` for chat messages."""
     if isinstance(prompt, str):
         return {"prompt": prompt}
-    if isinstance(prompt, Sequence):
+    try:
         return {"messages": _messages(prompt, where)}
-    kind = type(prompt).__name__
-    raise TypeError(f"{where} must be a str or a list of chat messages, got {kind}")
+    except TypeError as e:
+        if not str(e).startswith(f"{where} must be a list"):
+            raise
+        kind = type(prompt).__name__
+        raise TypeError(f"{where} must be a str or a list of chat messages, got {kind}") from None
 
 
 def pair_items(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[JSON]:
     """One item per (prompt, response); a chat prompt gets the response as assistant turn."""
-    prompts = _check_sequence(prompts, "prompts")
-    responses = _check_sequence(responses, "responses")
+    prompts = check_sequence(prompts, "prompts")
+    responses = check_sequence(responses, "responses")
     if len(prompts) != len(responses):
         raise ValueError(
             f"prompts and responses must have the same length, got {len(prompts)} prompts and "
@@ -114,7 +122,7 @@ def pair_items(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[JSON
 
 def conversation_items(conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[JSON]:
     """One item per conversation; the last message of each is the response scored."""
-    conversations = _check_sequence(conversations, "conversations")
+    conversations = check_sequence(conversations, "conversations")
     items = []
     for i, conversation in enumerate(conversations):
         messages = _messages(conversation, f"conversations[{i}]")
@@ -126,7 +134,7 @@ def conversation_items(conversations: Sequence[Sequence[Mapping[str, Any]]]) -> 
 
 def text_items(texts: Sequence[str]) -> list[JSON]:
     """Text the caller already rendered in the model's text format (OpenRLHF's ``query``)."""
-    texts = _check_sequence(texts, "texts")
+    texts = check_sequence(texts, "texts")
     return [{"text": _check_str(text, f"texts[{i}]")} for i, text in enumerate(texts)]
 
 
@@ -161,7 +169,7 @@ def rank_body(
     normalize: bool,
     truncate_response: bool,
 ) -> JSON:
-    responses = _check_sequence(responses, "responses")
+    responses = check_sequence(responses, "responses")
     if not responses:
         raise ValueError("responses is empty; rank needs at least one response")
     body = prompt_fields(prompt)

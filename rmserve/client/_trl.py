@@ -108,8 +108,8 @@ class _RewardFunctionBase:
         max_items_per_request: int,
         max_concurrency: int,
     ) -> None:
-        if not name.isidentifier():
-            raise ValueError(f"name must be a Python identifier (TRL logs it), got {name!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty string (TRL logs it), got {name!r}")
         self.__name__ = name  # what TRL logs: rewards/<name>/mean
         self.__qualname__ = name
         self.base_url = base_url
@@ -188,8 +188,10 @@ class TRLRewardFunction(_RewardFunctionBase):
         return list(result.scores)
 
     def close(self) -> None:
+        """Close the connections (a later call reconnects); a given client is left open."""
         if self._client is not None and self._owns_client:
             self._client.close()
+            self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
         if not self._owns_client:
@@ -256,6 +258,7 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
         return list(result.scores)
 
     async def aclose(self) -> None:
+        """Close the connections of the current event loop's client (a later call reconnects)."""
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, Union
+from typing import Any, Literal, TypedDict
 
 __all__ = [
     "BestOfN",
@@ -34,7 +34,7 @@ class Message(TypedDict):
 # A conversation whose last message is the assistant response to score.
 Conversation = Sequence[Mapping[str, Any]]
 # A prompt is plain text or the chat messages before the response.
-Prompt = Union[str, Sequence[Mapping[str, Any]]]  # noqa: UP007 (a runtime alias on 3.10)
+Prompt = str | Sequence[Mapping[str, Any]]
 
 
 @dataclass(frozen=True)

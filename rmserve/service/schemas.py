@@ -7,7 +7,7 @@ silently ignored option). The compatibility routes ``/get_reward`` (OpenRLHF) an
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -197,7 +197,10 @@ class ClassifyRequest(BaseModel):
 
     model_config = _LAX
     model: str | None = Field(default=None, description="Ignored: this server has one model.")
-    input: str | list[str] = Field(description="Rendered text(s) to score.")
+    # An empty list is refused (422) like an empty `items` or `query`, not answered with no data.
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="Rendered text(s) to score."
+    )
     activation: bool | None = Field(
         default=None, description="vLLM < 0.11.2 name of use_activation."
     )

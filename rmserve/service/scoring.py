@@ -151,9 +151,9 @@ class Scorer:
             inference_s=scored.inference_s,
         )
 
-    def normalize(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def normalize(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """(score - mean) / std with the bundle's statistics."""
         norm = self.manifest.normalization
         # In float64: a small std would amplify float32 rounding of the difference.
-        out: npt.NDArray[np.float32] = (scores.astype(np.float64) - norm.mean) / norm.std
+        out: npt.NDArray[np.float64] = (scores.astype(np.float64) - norm.mean) / norm.std
         return out

@@ -13,6 +13,7 @@ parallel across items) inside a small thread pool, so the event loop never token
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ __all__ = [
     "RequestTokenizer",
     "ResponseTooLongAtError",
 ]
+
+
+# Lone surrogates: code points that are not characters and that UTF-8 cannot encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InvalidItemError(ValueError):
@@ -133,6 +138,15 @@ class RequestTokenizer:
                 raise InvalidItemError(index, str(e)) from e
             if len(text.text) > self.max_item_chars:
                 raise ItemTooLongError(index, len(text.text), self.max_item_chars)
+            # JSON may carry "\ud800" (and Python decodes raw surrogate bytes with
+            # surrogatepass); the Rust tokenizer cannot take such a str and would fail with a
+            # 500. Found by tests/reliability/test_bad_input.py.
+            if _SURROGATE.search(text.text):
+                raise InvalidItemError(
+                    index,
+                    "the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a "
+                    "Unicode character; send valid UTF-8 text",
+                )
             rendered.append(text)
         try:
             encoded = self.encoder.encode_batch(rendered, truncate_response=truncate_response)

@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.1,
     "weight_decay": 0.01,
     "out": "artifacts/checkpoint",
+    "freeze_embeddings": True,
+    "freeze_layers": 0,
 }
 
 
@@ -167,6 +169,19 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "the response's start",
     )
 
+    model.add_argument(
+        "--freeze-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS["freeze_embeddings"],
+        help="freeze the input token embeddings (much faster steps on CPU)",
+    )
+    model.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=DEFAULTS["freeze_layers"],
+        help="freeze the first N transformer blocks",
+    )
+
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="training epochs")
     opt.add_argument(
@@ -228,6 +243,8 @@ def run_train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         truncate_long_responses=not args.no_truncate_long_responses,
         center_rewards_coefficient=args.center_rewards,
+        freeze_embeddings=args.freeze_embeddings,
+        freeze_layers=args.freeze_layers,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         learning_rate=args.lr,

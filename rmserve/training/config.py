@@ -37,6 +37,17 @@ class RewardConfig(TrainingArguments):
             "2023); 0.01 is the usual value. None disables it."
         },
     )
+    freeze_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the input token embeddings (much faster steps on CPU; the "
+            "embeddings of a pretrained backbone change little in fine-tuning)."
+        },
+    )
+    freeze_layers: int = field(
+        default=0,
+        metadata={"help": "Freeze the first N transformer blocks (faster; less to fit)."},
+    )
     normalization_samples: int = field(
         default=2048,
         metadata={

@@ -339,6 +339,10 @@ def _response(value: Any, key: str) -> tuple[list[Message], str]:
     """A response given as a string, or as messages whose last one is the assistant's."""
     if isinstance(value, str):
         return [], value
+    if not isinstance(value, list):
+        raise _RowError(
+            f"{key!r} must be a string or a list of messages, got {type(value).__name__}"
+        )
     messages = _messages(value, key)
     if messages[-1].role != "assistant":
         raise _RowError(f"the last message of {key!r} must have role 'assistant'")

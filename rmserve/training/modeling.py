@@ -26,6 +26,7 @@ __all__ = [
     "MINILM_ALIAS",
     "RewardModel",
     "architecture_of",
+    "freeze",
     "load_reward_model",
     "load_tokenizer",
     "resolve_base",
@@ -87,6 +88,9 @@ def load_reward_model(path: str, pad_token_id: int | None = None, **kwargs: Any)
     """An ``AutoModelForSequenceClassification`` with one output (a fresh head if needed)."""
     from transformers import AutoModelForSequenceClassification
 
+    # fp32 weights unless asked otherwise: transformers 5 loads the checkpoint's dtype by
+    # default, and a half-precision master copy would not train (use --bf16 for autocast).
+    kwargs.setdefault("dtype", torch.float32)
     model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, **kwargs
     )
@@ -131,3 +135,30 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return reward_forward(self.model, input_ids, attention_mask, self.pooling)
+
+
+def freeze(model: PreTrainedModel, *, embeddings: bool = False, layers: int = 0) -> int:
+    """Freeze the input embeddings and/or the first ``layers`` transformer blocks.
+
+    On a CPU most of a small encoder's step goes to the embedding matrix (its dense gradient
+    and AdamW update) and to the backward pass of the lower blocks, which fine-tuning changes
+    least. Returns the number of parameters left trainable.
+    """
+    if embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if layers:
+        blocks = _blocks(model)
+        if layers > len(blocks):
+            raise ValueError(f"cannot freeze {layers} layers: the model has {len(blocks)}")
+        for block in blocks[:layers]:
+            block.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The transformer blocks: the longest ModuleList of the backbone (BERT's encoder.layer,
+    GPT-2's h, Llama's layers)."""
+    lists = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(lists, key=len)

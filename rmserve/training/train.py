@@ -22,6 +22,7 @@ from rmserve.training.metadata import TrainingInfo
 from rmserve.training.modeling import (
     RewardModel,
     architecture_of,
+    freeze,
     load_reward_model,
     load_tokenizer,
     resolve_base,
@@ -81,6 +82,7 @@ def train_reward_model(
     tokenizer = load_tokenizer(base_path)
     model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id)
     kind, pooling = architecture_of(model)
+    trainable = freeze(model, embeddings=config.freeze_embeddings, layers=config.freeze_layers)
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None
     )
@@ -112,7 +114,7 @@ def train_reward_model(
     _log(
         f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
         f"examples, {train_set.truncated} truncated to {config.max_length} tokens, "
-        f"{train_set.dropped} dropped (response too long)"
+        f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters"
     )
 
     torch.manual_seed(config.seed)
@@ -160,9 +162,7 @@ def train_reward_model(
             "train_examples": len(train_set),
             "skipped": train_read.skipped,
             "steps": trainer.state.global_step,
-            "seconds": trainer.state.log_history[-1].get("train_runtime")
-            if trainer.state.log_history
-            else None,
+            "seconds": output.metrics.get("train_runtime"),
         }
         if evaluation is not None:
             summary |= {

@@ -74,7 +74,9 @@ class ScriptedServer:
                 recorded = Recorded(self.command, self.path, dict(self.headers.items()), body)
                 with server._lock:
                     server.requests.append(recorded)
-                    reply = server.script.pop(0) if server.script else server.default(recorded)
+                    scripted = server.script.pop(0) if server.script else None
+                # The default runs outside the lock so that concurrent requests overlap.
+                reply = scripted or server.default(recorded)
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.drop:

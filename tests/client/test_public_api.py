@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import re
 
 import httpx
@@ -56,7 +57,6 @@ PUBLIC = {
     "RankResult",
     "RankedResponse",
     "RequestTooLargeError",
-    "RetryPolicy",
     "RewardClient",
     "RewardServerError",
     "ScoreResult",
@@ -205,8 +205,6 @@ def test_mock_transport_round_trip_and_base_url_prefix() -> None:
         result = c.score([[{"role": "user", "content": "hi"}]], ["hello"])
     assert result == ScoreResult("m", (0.5,), (False,), Usage(7))
     assert str(seen[0].url) == "http://gateway:8080/rm/v1/score"  # a path prefix is kept
-    import json
-
     assert json.loads(seen[0].content) == {
         "items": [
             {
@@ -232,3 +230,24 @@ def test_trl_contract_as_trl_itself_checks_it() -> None:
     assert not trl_utils.is_async_callable(sync_func)
     assert trl_utils.is_async_callable(async_func)
     sync_func.close()
+
+
+def test_ordered_collections_are_accepted_and_sets_refused() -> None:
+    np = pytest.importorskip("numpy")
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return httpx.Response(
+            200, json={"model": "m", "scores": [1.0], "truncated": [False], "usage": {}}
+        )
+
+    with RewardClient("http://rm:1", transport=httpx.MockTransport(handler)) as client:
+        # What a parquet-backed dataset (verl) hands over: numpy object arrays of messages.
+        chat = np.array([{"role": "user", "content": "hi"}], dtype=object)
+        assert client.score((chat,), np.array(["yo"])).scores == (1.0,)
+        with pytest.raises(TypeError, match="prompts must be a list, got set"):
+            client.score({"p"}, ["x"])
+    assert json.loads(sent[0])["items"] == [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]

@@ -27,10 +27,9 @@ from rmserve.client import (
     NotFoundError,
     OverloadedError,
     RequestTooLargeError,
-    RetryPolicy,
     RewardClient,
 )
-from rmserve.client._retry import parse_retry_after
+from rmserve.client._retry import RetryPolicy, parse_retry_after
 
 Factory = Callable[..., ScriptedServer]
 

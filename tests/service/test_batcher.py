@@ -118,7 +118,7 @@ def test_token_budget_and_size_limit_split_batches_by_length() -> None:
             assert s.size <= 4
             assert s.padded_tokens <= 40
         # No batch mixes 2-token and 20-token items: sorting kept them apart.
-        for ids, mask in model.batches:
+        for _ids, mask in model.batches:
             lengths = set(mask.sum(axis=1).tolist())
             assert lengths in ({2}, {20})
 

@@ -83,7 +83,8 @@ def test_verl_classify_without_activation_reads_the_raw_reward(
     assert output["model"] == "tiny-encoder"
     assert output["id"].startswith("classify-")
     assert abs(output["created"] - time.time()) < 600
-    assert output["data"][0]["num_classes"] == 1 and output["data"][0]["index"] == 0
+    assert output["data"][0]["num_classes"] == 1
+    assert output["data"][0]["index"] == 0
     assert output["usage"]["prompt_tokens"] == output["usage"]["total_tokens"] > 0
 
 

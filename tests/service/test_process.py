@@ -184,7 +184,8 @@ def test_unavailable_precision_and_unsafe_settings_are_refused(tiny_encoder_bund
         timeout=60,
     )
     assert result.returncode == 2
-    assert "fp16" in result.stderr and "has only" in result.stderr
+    assert "fp16" in result.stderr
+    assert "has only" in result.stderr
     env = {**clean_env(), "RMSERVE_API_KEYS": "short"}
     result = subprocess.run(
         [*SERVE, str(tiny_encoder_bundle)],

@@ -22,7 +22,8 @@ def error_of(response: httpx.Response) -> dict[str, str]:
     body = response.json()
     assert set(body) == {"error"}, body
     assert isinstance(body["error"]["type"], str)
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     return body["error"]  # type: ignore[no-any-return]
 
 
@@ -40,7 +41,8 @@ def test_score_accepts_the_three_input_forms(post: Post, tiny_encoder_bundle: Pa
     body = r.json()
     assert set(body) == {"model", "scores", "truncated", "usage"}
     assert body["model"] == load_bundle(tiny_encoder_bundle).model_name
-    assert len(body["scores"]) == 3 and all(math.isfinite(s) for s in body["scores"])
+    assert len(body["scores"]) == 3
+    assert all(math.isfinite(s) for s in body["scores"])
     # The same pair in three forms renders to the same text, so the same score.
     assert body["scores"][0] == pytest.approx(body["scores"][1], abs=1e-6)
     assert body["scores"][0] == pytest.approx(body["scores"][2], abs=1e-6)
@@ -217,7 +219,8 @@ def test_models_lists_the_public_manifest(
     manifest = load_bundle(tiny_encoder_bundle)
     assert body["object"] == "list"
     assert card["id"] == manifest.model_name
-    assert card["precision"] == "fp32" and card["provider"] == "cpu"
+    assert card["precision"] == "fp32"
+    assert card["provider"] == "cpu"
     assert card["manifest"] == json.loads(json.dumps(manifest.public()))
     assert "sha256" not in json.dumps(card)
 

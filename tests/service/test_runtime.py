@@ -49,7 +49,8 @@ def test_runtime_rewards_have_one_value_per_row(tiny_decoder_bundle: Path) -> No
     mask = np.zeros_like(ids)
     mask[:, :2] = 1
     rewards = runtime.run(ids, mask)
-    assert rewards.shape == (3,) and rewards.dtype == np.float32
+    assert rewards.shape == (3,)
+    assert rewards.dtype == np.float32
     assert runtime.warm_up(4) > 0
 
 

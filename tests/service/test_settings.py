@@ -32,7 +32,8 @@ def test_the_documented_environment_names_exist() -> None:
     names = {"RMSERVE_" + name.upper() for name in ServiceSettings.model_fields}
     assert names >= DOCUMENTED
     for name, field in ServiceSettings.model_fields.items():
-        assert field.description and len(field.description) > 10, name
+        assert field.description, name
+        assert len(field.description) > 10, name
 
 
 def test_defaults_are_safe() -> None:
