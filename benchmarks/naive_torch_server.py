@@ -37,7 +37,7 @@ def build_app(checkpoint: Path, bundle: Path, threads: int, dtype: str, device: 
     manifest = load_bundle(bundle, verify_hashes=False)
     encoder = PairEncoder.from_file(str(bundle / TOKENIZER_NAME), manifest.max_length)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model = load_reward_model(str(checkpoint), pad_token_id=manifest.pad_token_id)
+    model: Any = load_reward_model(str(checkpoint), pad_token_id=manifest.pad_token_id)
     model = model.to(device=device, dtype=torch_dtype).eval()
     pooling = manifest.architecture.pooling
     pad = manifest.pad_token_id

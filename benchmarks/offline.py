@@ -69,9 +69,30 @@ def _batches(lengths: list[list[int]], size: int, pad: int) -> list[tuple[Any, A
 
 
 def _run_batches(session: Any, batches: list[tuple[Any, Any]]) -> float:
+    if "CUDAExecutionProvider" in session.get_providers():
+        return _run_batches_bound(session, batches)
     start = time.perf_counter()
     for ids, mask in batches:
         session.run(None, {"input_ids": ids, "attention_mask": mask})
+    return time.perf_counter() - start
+
+
+def _run_batches_bound(session: Any, batches: list[tuple[Any, Any]]) -> float:
+    """On CUDA, with I/O binding: inputs copied to the device once per batch, the output
+    left there until the batch is done, so no implicit host round trips inside the run."""
+    import onnxruntime as ort
+
+    output = session.get_outputs()[0].name
+    start = time.perf_counter()
+    for ids, mask in batches:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids, "cuda", 0))
+        binding.bind_ortvalue_input(
+            "attention_mask", ort.OrtValue.ortvalue_from_numpy(mask, "cuda", 0)
+        )
+        binding.bind_output(output, "cuda", 0)
+        session.run_with_iobinding(binding)
+        binding.copy_outputs_to_cpu()  # the rewards are needed on the host in the end
     return time.perf_counter() - start
 
 

@@ -30,7 +30,23 @@ from benchmarks.workload import SHAPES, Workload, build_workload, default_data_d
 __all__ = ["SYSTEMS", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("rmserve-fp32", "rmserve-int8", "naive-torch", "onnxruntime-offline")
+SYSTEMS = (
+    "rmserve-fp32",
+    "rmserve-int8",
+    "rmserve-fp16",
+    "naive-torch",
+    "onnxruntime-offline",
+    "onnxruntime-offline-fp16",
+)
+# int8 runs on CPU only, fp16 on CUDA only (rmserve.service.runtime).
+CPU_SYSTEMS = ["rmserve-fp32", "rmserve-int8", "naive-torch", "onnxruntime-offline"]
+GPU_SYSTEMS = [
+    "rmserve-fp16",
+    "rmserve-fp32",
+    "naive-torch",
+    "onnxruntime-offline",
+    "onnxruntime-offline-fp16",
+]
 DEFAULT_BUNDLE = REPO_ROOT / "artifacts" / "bundle"
 
 
@@ -79,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, default=None, help="hh-harmless folder (../shared/data)")
     p.add_argument(
-        "--systems", type=_name_list(SYSTEMS), default=list(SYSTEMS), help="comma-separated"
+        "--systems",
+        type=_name_list(SYSTEMS),
+        default=None,
+        help=f"comma-separated (default on cpu: {','.join(CPU_SYSTEMS)}; on cuda: "
+        f"{','.join(GPU_SYSTEMS)})",
     )
     p.add_argument("--shapes", type=_name_list(SHAPES), default=list(SHAPES), help="single,grpo8")
     p.add_argument(
@@ -173,6 +193,10 @@ def _measure(
         "pairs": result.pairs,
         "duration_s": round(result.elapsed_s, 2),
         "server_cpu_cores": round(server_cpu / result.elapsed_s, 2) if result.elapsed_s else None,
+        # CPU per pair moves less than pairs/s when other processes share the cores.
+        "server_cpu_ms_per_pair": round(1000 * server_cpu / result.pairs, 1)
+        if result.pairs
+        else None,
         "client_cpu_cores": round(result.client_cpu_s / result.elapsed_s, 2)
         if result.elapsed_s
         else None,
@@ -242,7 +266,7 @@ def _run_servers(
     plan = [("single", c) for c in args.concurrency if "single" in args.shapes]
     plan += [("grpo8", c) for c in args.grpo_concurrency if "grpo8" in args.shapes]
     for system in args.systems:
-        if system == "onnxruntime-offline":
+        if system.startswith("onnxruntime-offline"):
             continue
         precision = system.removeprefix("rmserve-")
         if system.startswith("rmserve-") and precision not in manifest.get("variants", {}):
@@ -268,7 +292,7 @@ def _run_servers(
 
 
 def _run_offline(
-    args: argparse.Namespace, bundle: Path, workload: Workload, quick: bool
+    args: argparse.Namespace, bundle: Path, workload: Workload, quick: bool, system: str
 ) -> dict[str, Any]:
     from benchmarks.offline import make_session, run_offline
     from rmserve.encoding import PairEncoder
@@ -278,23 +302,27 @@ def _run_offline(
     text_format = TextFormat.from_dict(manifest["text_format"])
     encoder = PairEncoder.from_file(str(bundle / "tokenizer.json"), int(manifest["max_length"]))
     # --quick times fewer pairs: the pass over all of them alone would take a minute here.
-    items = workload.items[:160] if quick else workload.items
+    items = workload.items[:160] if quick and args.device == "cpu" else workload.items
     rendered = [
-        render([*item.prompt, Message("assistant", item.response)], text_format)
-        for item in items
+        render([*item.prompt, Message("assistant", item.response)], text_format) for item in items
     ]
     providers = ["CPUExecutionProvider"]
     if args.device != "cpu":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    session = make_session(bundle / manifest["variants"]["fp32"]["file"], args.threads, providers)
-    sizes = (1, 8, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
+    precision = "fp16" if system.endswith("fp16") else "fp32"
+    session = make_session(
+        bundle / manifest["variants"][precision]["file"], args.threads, providers
+    )
+    sizes: tuple[int, ...] = (1, 8, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
+    if args.device != "cpu":
+        sizes = (1, 8, 32, 64, 128, 256) if quick else (1, 8, 16, 32, 64, 128, 256, 512)
     result = run_offline(
         session, encoder, rendered, int(manifest["pad_token_id"]),
-        sweep_sample=32 if quick else 128, sizes=sizes,
+        sweep_sample=(32 if quick else 128) if args.device == "cpu" else 1024, sizes=sizes,
     )  # fmt: skip
-    _log(f"onnxruntime-offline: {result.pairs_per_s:.1f} pairs/s at batch {result.batch_size}")
+    _log(f"{system}: {result.pairs_per_s:.1f} pairs/s at batch {result.batch_size}")
     return {
-        "system": "onnxruntime-offline",
+        "system": system,
         "shape": "offline",
         "concurrency": None,
         "pairs_per_s": round(result.pairs_per_s, 2),
@@ -313,6 +341,8 @@ def _run_offline(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.systems is None:
+        args.systems = CPU_SYSTEMS if args.device == "cpu" else GPU_SYSTEMS
     started = time.monotonic()
     bundle = Path(args.bundle or DEFAULT_BUNDLE)
     if not (bundle / "rmserve.json").is_file():
@@ -342,8 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = _resolve_checkpoint(args, bundle) if "naive-torch" in args.systems else None
 
     runs = _run_servers(args, bundle, checkpoint, workload, duration, warmup)
-    if "onnxruntime-offline" in args.systems:
-        runs.append(_run_offline(args, bundle, workload, quick))
+    for system in args.systems:
+        if system.startswith("onnxruntime-offline"):
+            runs.append(_run_offline(args, bundle, workload, quick, system))
 
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     command = "python -m benchmarks.run " + " ".join(

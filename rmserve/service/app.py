@@ -69,6 +69,7 @@ def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> F
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_items=settings.max_queue_items,
+            max_padding_ratio=settings.max_padding_ratio,
             on_batch=metrics.observe_batch,
             on_queue_change=metrics.set_queue_items,
         )
@@ -87,6 +88,7 @@ def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> F
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_tokens": settings.max_batch_tokens,
                 "max_wait_ms": settings.max_wait_ms,
+                "max_padding_ratio": settings.max_padding_ratio,
             },
         )
         try:

@@ -7,10 +7,11 @@ forms a batch when one of these is reached:
 - ``max_batch_size`` items;
 - ``max_wait_s`` since the oldest waiting item arrived (or the service is draining).
 
-Waiting items are sorted by length and cut into consecutive runs under the budget, so each
-batch holds items of similar length and padding stays small. A "full" run is sent at once;
-otherwise the run holding the oldest item is sent when that item's wait is up, which also
-bounds how long a long item can be passed over.
+Waiting items are sorted by length and cut into consecutive runs under those limits and
+under ``max_padding_ratio`` (padded / real tokens), so each batch holds items of similar
+length and little compute goes to padding. A "full" run is sent at once; otherwise the run
+holding the oldest item is sent when that item's wait is up, which also bounds how long a
+long item can be passed over.
 
 The model runs in one worker thread (ORT releases the GIL and uses every core itself), so the
 event loop keeps accepting requests meanwhile, and the next batch fills while one runs.
@@ -122,6 +123,7 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue_items: int,
+        max_padding_ratio: float = float("inf"),
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_change: Callable[[int], None] | None = None,
     ):
@@ -133,6 +135,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
+        self.max_padding_ratio = max_padding_ratio
         self._on_batch = on_batch
         self._on_queue_change = on_queue_change
         self._pending: list[_Item] = []  # arrival order; the oldest first
@@ -154,6 +157,10 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._schedule(), name="rmserve-batcher"
             )
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
 
     @property
     def queued_items(self) -> int:
@@ -201,9 +208,7 @@ class Batcher:
         n = len(sequences)
         if n == 0:
             return ScoredRequest(np.zeros(0, dtype=np.float32), 0.0, 0.0)
-        queued = len(self._pending)
-        if queued + n > self.max_queue_items:
-            raise QueueFullError(queued, self.max_queue_items, self._retry_after_s(queued))
+        self.check_capacity(n)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request = _Request(n, future)
         self._pending.extend(_Item(ids, request, i) for i, ids in enumerate(sequences))
@@ -214,6 +219,13 @@ class Batcher:
         return ScoredRequest(
             request.scores, request.last_start - request.enqueued_at, request.inference_s
         )
+
+    def check_capacity(self, n: int) -> None:
+        """Raise QueueFullError now if ``n`` items would not fit in the queue (callers check
+        before tokenizing, so a full server refuses work before spending CPU on it)."""
+        queued = len(self._pending)
+        if queued + n > self.max_queue_items:
+            raise QueueFullError(queued, self.max_queue_items, self._retry_after_s(queued))
 
     def _retry_after_s(self, queued: int) -> int:
         batches_ahead = math.ceil(queued / self.max_batch_size)
@@ -227,55 +239,74 @@ class Batcher:
 
     async def _schedule(self) -> None:
         while True:
-            if not self._pending:
-                if self._running == 0:
-                    self._idle.set()
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                continue
-            now = time.perf_counter()
-            batch = self.select(now)
-            if batch is None:
-                deadline = self._pending[0].request.enqueued_at + self.max_wait_s
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - now))
-                self._wakeup.clear()
-                continue
-            taken = {id(item) for item in batch}
-            self._pending = [item for item in self._pending if id(item) not in taken]
-            self._queue_changed()
-            await self._run(batch)
+            try:
+                await self._schedule_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not leave every waiting request hanging: fail them and go on.
+                logger.exception("batch scheduling failed", extra={"items": len(self._pending)})
+                error = InferenceError("the batch scheduler failed; the server log has details")
+                for item in self._pending:
+                    if not item.request.future.done():
+                        item.request.future.set_exception(error)
+                self._pending.clear()
+                self._running = 0
+                self._queue_changed()
+
+    async def _schedule_once(self) -> None:
+        """Wait for work, or form one batch and run it."""
+        if not self._pending:
+            if self._running == 0:
+                self._idle.set()
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            return
+        now = time.perf_counter()
+        batch = self.select(now)
+        if batch is None:
+            deadline = self._pending[0].request.enqueued_at + self.max_wait_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - now))
+            self._wakeup.clear()
+            return
+        taken = {id(item) for item in batch}
+        self._pending = [item for item in self._pending if id(item) not in taken]
+        self._queue_changed()
+        await self._run(batch)
 
     def select(self, now: float) -> list[_Item] | None:
         """The batch to run now, or None to keep waiting for more items.
 
-        Pending items sorted by length are cut into consecutive runs that respect the size and
-        token limits; a run is "full" when the next item would not have fit. The run holding
-        the oldest item goes once that item has waited ``max_wait_s`` (or when draining);
-        before that, only a full run goes (the one with the oldest item among full runs).
+        Pending items sorted by length are cut into consecutive runs: a run ends where the next
+        (longer) item would break the size limit or the token budget (the run is then "full")
+        or would push the run's padded/real token ratio over ``max_padding_ratio`` (the run
+        may still fill with items of its own length). The run holding the oldest item goes
+        once that item has waited ``max_wait_s`` (or when draining); before that only a full
+        run goes, the one with the oldest item among full runs.
         """
         pending = self._pending
         if not pending:
             return None
         oldest = pending[0]
-        by_length = sorted(pending, key=lambda item: item.length)
-        runs: list[list[_Item]] = []
+        runs: list[tuple[list[_Item], bool]] = []  # (items, full)
         run: list[_Item] = []
-        for item in by_length:
-            # Sorted ascending: the new item is the longest of the run if added.
-            if run and (
-                len(run) + 1 > self.max_batch_size
-                or (len(run) + 1) * item.length > self.max_batch_tokens
-            ):
-                runs.append(run)
-                run = []
+        real = 0
+        for item in sorted(pending, key=lambda item: item.length):
+            # Sorted ascending: if added, the new item is the longest of the run.
+            if run:
+                count = len(run) + 1
+                full = count > self.max_batch_size or count * item.length > self.max_batch_tokens
+                if full or count * item.length > self.max_padding_ratio * (real + item.length):
+                    runs.append((run, full))
+                    run, real = [], 0
             run.append(item)
-        last_full = len(run) >= self.max_batch_size
-        runs.append(run)
+            real += item.length
+        runs.append((run, len(run) >= self.max_batch_size))
         expired = self._draining or now - oldest.request.enqueued_at >= self.max_wait_s
         if expired:
-            return next(r for r in runs if any(item is oldest for item in r))
-        full_runs = runs if last_full else runs[:-1]
+            return next(r for r, _ in runs if any(item is oldest for item in r))
+        full_runs = [r for r, full in runs if full]
         if not full_runs:
             return None
         age = {id(item): position for position, item in enumerate(pending)}
@@ -293,7 +324,12 @@ class Batcher:
             )
         except Exception as e:
             logger.exception("inference failed", extra={"batch_size": len(batch)})
-            error = InferenceError(f"the model failed on a batch of {len(batch)} items: {e}")
+            # The exception's text (ORT's carries node names and its source paths) goes to
+            # the log only; the answer names the failure without the server's internals.
+            error = InferenceError(
+                f"the model failed on a batch of {len(batch)} items ({type(e).__name__}); "
+                "the server log has the details"
+            )
             for item in batch:
                 if not item.request.future.done():
                     item.request.future.set_exception(error)

@@ -51,9 +51,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             continue
         default = field.default
         shown = "empty" if default in ("", None) else default
-        if name == "api_keys":
-            shown = "empty"
         help_text = f"{field.description} (env RMSERVE_{name.upper()}; default: {shown})"
+        if name == "api_keys":
+            # Command lines are world-readable (ps, /proc/PID/cmdline); the environment is not.
+            help_text = (
+                f"{field.description} Prefer the RMSERVE_API_KEYS variable (or a Kubernetes "
+                "Secret): keys given as this flag show in process listings (ps). (default: empty)"
+            )
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,

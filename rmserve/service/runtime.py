@@ -108,6 +108,9 @@ class ModelRuntime:
         # One batch runs at a time, so all cores go to intra-op parallelism.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # ORT's idle threads spin by default; here the event loop and the tokenizer threads
+        # need the same cores between batches, so idle ORT threads sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = [ORT_PROVIDERS["cpu"]]
         if self.provider == "cuda":
             providers = [(ORT_PROVIDERS["cuda"], {"device_id": 0}), ORT_PROVIDERS["cpu"]]

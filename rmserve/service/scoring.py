@@ -109,6 +109,16 @@ class Scorer:
                 f"the request has {len(items)} items; the limit is {self.max_items} "
                 "(RMSERVE_MAX_ITEMS_PER_REQUEST); split it",
             )
+        try:
+            self.batcher.check_capacity(len(items))
+            if not self.batcher.accepting:
+                raise BatcherClosedError("the service is shutting down and takes no new requests")
+        except QueueFullError as e:
+            raise ApiError(
+                429, "queue_full", str(e), headers={"Retry-After": str(e.retry_after_s)}
+            ) from e
+        except BatcherClosedError as e:
+            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "1"}) from e
         started = time.perf_counter()
         try:
             encoded = await self.model.tokenizer.encode(items, truncate_response=truncate_response)

@@ -11,6 +11,7 @@ settings) message is logged and the process exits 2, so there is never a half-re
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from types import FrameType
 
@@ -73,7 +74,7 @@ def serve(settings: ServiceSettings) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         server_header=False,
     )
     server = _DrainingServer(config, app.state.rmserve)

@@ -76,6 +76,12 @@ class ServiceSettings(BaseSettings):
         description="Most padded tokens (items x longest item) in one model batch; must be at "
         "least the bundle's max_length.",
     )
+    max_padding_ratio: float = Field(
+        default=1.15,
+        ge=1.0,
+        description="Most padded/real tokens in one batch: items of too different lengths go "
+        "to separate batches. Set it high (100) to batch by size and tokens only.",
+    )
     max_wait_ms: float = Field(
         default=5.0,
         ge=0.0,

@@ -26,13 +26,15 @@ class ServiceState:
     created: int = field(default=0)
 
 
-def get_state(request: Request) -> ServiceState:
+# Dependencies are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in a
+# thread pool, a thread hop per dependency per request on the hot path.
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.rmserve
     return state
 
 
-def get_scorer(request: Request) -> Scorer:
-    state = get_state(request)
+async def get_scorer(request: Request) -> Scorer:
+    state: ServiceState = request.app.state.rmserve
     if state.scorer is None:
         raise ApiError(
             503,

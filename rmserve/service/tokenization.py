@@ -32,7 +32,7 @@ from rmserve.formatting import (
     render,
     render_text,
 )
-from rmserve.manifest import TOKENIZER_NAME, Manifest
+from rmserve.manifest import TOKENIZER_NAME, BundleError, Manifest
 
 __all__ = [
     "EncodedItems",
@@ -118,9 +118,13 @@ class RequestTokenizer:
         self.manifest = manifest
         self.text_format = manifest.text_format
         self.max_item_chars = max_item_chars
-        self.encoder = PairEncoder.from_file(
-            str(Path(bundle_dir) / TOKENIZER_NAME), manifest.max_length
-        )
+        path = Path(bundle_dir) / TOKENIZER_NAME
+        try:
+            self.encoder = PairEncoder.from_file(str(path), manifest.max_length)
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+            raise BundleError(
+                f"{path} cannot be loaded by the tokenizers library: {e}; export the bundle again"
+            ) from e
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmserve-tok")
 
     async def encode(self, items: Sequence[ItemInput], *, truncate_response: bool) -> EncodedItems:
@@ -159,6 +163,11 @@ class RequestTokenizer:
                     raise ResponseTooLongAtError(index, e) from e
             raise
         ids = [np.asarray(pair.ids, dtype=np.int64) for pair in encoded]
+        for index, item_ids in enumerate(ids):
+            # A decoder's tokenizer adds no special tokens: an empty text is zero tokens, with
+            # no position to read a reward at, and ORT fails on a (B, 0) batch with a 500.
+            if item_ids.shape[0] == 0:
+                raise InvalidItemError(index, "the text is empty once tokenized; send some text")
         return EncodedItems(
             ids=ids,
             truncated=[pair.truncated for pair in encoded],

@@ -18,18 +18,34 @@ DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "hh-harmless"
 DEFAULT_TRAIN_FILE = "train.jsonl.gz"
 DEFAULT_EVAL_FILE = "dev.jsonl.gz"
 # The default recipe (docs/training.md has the measured accuracy and time).
+# Tuned with 3-6 seeds per setting on HH-harmless dev (239 pairs, one std error ~3 points):
+# one epoch of the last 128 tokens, the embeddings and the 2 lowest blocks frozen (2-3x faster
+# steps on CPU, and less overfitting of 1.8k pairs), a high learning rate for the head and top
+# blocks, and a little reward centering.
 DEFAULTS: dict[str, Any] = {
     "base": "minilm",
-    "epochs": 2.0,
-    "max_length": 256,
-    "lr": 5e-5,
-    "batch_size": 16,
+    "epochs": 1.0,
+    "max_length": 128,
+    "lr": 3e-4,
+    "batch_size": 32,
     "warmup_ratio": 0.1,
     "weight_decay": 0.01,
+    "center_rewards": 0.01,
     "out": "artifacts/checkpoint",
     "freeze_embeddings": True,
-    "freeze_layers": 0,
+    "freeze_layers": 2,
+    "eval_steps": 25,
 }
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None/False or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def default_data_path(name: str) -> Path:
@@ -49,7 +65,7 @@ def default_data_path(name: str) -> Path:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the train, eval and export subcommands."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
     train = subparsers.add_parser(
         "train",
         help="train a Bradley-Terry reward model on preference pairs",
@@ -144,7 +160,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--skip-malformed",
         action="store_true",
-        help="skip malformed rows (and report how many) instead of failing on the first",
+        help="skip malformed rows (and report how many) instead of failing on the first; "
+        "on by default for the default data, which has 5 such rows",
     )
     data.add_argument("--limit", type=int, help="use only the first N training examples")
 
@@ -207,7 +224,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--center-rewards",
         type=float,
-        help="coefficient of the reward-centering term c * mean(r^2) (e.g. 0.01)",
+        default=DEFAULTS["center_rewards"],
+        help="coefficient of the reward-centering term c * mean(r^2); 0 disables it",
     )
     opt.add_argument("--seed", type=int, default=42, help="random seed")
 
@@ -215,7 +233,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--eval-steps",
         type=int,
-        default=50,
+        default=DEFAULTS["eval_steps"],
         help="evaluate accuracy on --eval-data every N steps (0: only at the end)",
     )
     run.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
@@ -233,16 +251,20 @@ def run_train(args: argparse.Namespace) -> int:
 
     data = args.data
     eval_data = args.eval_data
+    skip_malformed = args.skip_malformed
     if data is None:
         data = str(default_data_path(DEFAULT_TRAIN_FILE))
         if eval_data is None:
             eval_data = str(default_data_path(DEFAULT_EVAL_FILE))
+        # The shipped HH files hold 5 known rows whose two transcripts differ before the
+        # last turn; the default run skips them (and says so) rather than failing.
+        skip_malformed = True
     has_eval = eval_data is not None
     config = RewardConfig(
         output_dir=args.out,
         max_length=args.max_length,
         truncate_long_responses=not args.no_truncate_long_responses,
-        center_rewards_coefficient=args.center_rewards,
+        center_rewards_coefficient=args.center_rewards or None,
         freeze_embeddings=args.freeze_embeddings,
         freeze_layers=args.freeze_layers,
         num_train_epochs=args.epochs,
@@ -268,7 +290,7 @@ def run_train(args: argparse.Namespace) -> int:
             config,
             base=args.base,
             eval_data=eval_data,
-            skip_malformed=args.skip_malformed,
+            skip_malformed=skip_malformed,
             limit=args.limit,
         )
     except ValueError as e:  # DataError and bad settings: a message, not a traceback

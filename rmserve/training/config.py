@@ -49,7 +49,7 @@ class RewardConfig(TrainingArguments):
         metadata={"help": "Freeze the first N transformer blocks (faster; less to fit)."},
     )
     normalization_samples: int = field(
-        default=2048,
+        default=1024,
         metadata={
             "help": "Training responses scored after training to measure the reward mean and "
             "std recorded as the bundle's normalization (a random sample; all when fewer)."

@@ -114,7 +114,8 @@ def train_reward_model(
     _log(
         f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
         f"examples, {train_set.truncated} truncated to {config.max_length} tokens, "
-        f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters"
+        f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters; "
+        f"{config.world_size} processes"
     )
 
     torch.manual_seed(config.seed)

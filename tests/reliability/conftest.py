@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ import httpx
 import psutil
 import pytest
 
+from rmserve.service.settings import ServiceSettings
 from tests.service.conftest import API_KEY, RunningServer, auth_headers, serve_app, settings_for
 
 __all__ = [
@@ -36,11 +39,44 @@ __all__ = [
     "raw_request",
     "scrape",
     "serve_app",
+    "serve_model",
     "settings_for",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "rmserve.service", "serve"]
+
+
+@contextlib.contextmanager
+def serve_model(settings: ServiceSettings, model: Any) -> Iterator[RunningServer]:
+    """Like ``serve_app``, over a model the test loaded (and may have wrapped) itself."""
+    import uvicorn
+
+    from rmserve.service.app import create_app
+
+    app = create_app(settings, model)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        assert thread.is_alive(), "the server thread died during start-up"
+        assert time.monotonic() < deadline, "the server was not ready in 60 s"
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    try:
+        yield RunningServer(url, app, server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 def free_port() -> int:
@@ -119,7 +155,8 @@ class ServerProcess:
         return self.process.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -200,7 +201,7 @@ def test_a_model_failure_fails_only_the_requests_in_that_batch() -> None:
             max_queue_items=8,
         )
         batcher.start()
-        with pytest.raises(InferenceError, match="boom"):
+        with pytest.raises(InferenceError, match="RuntimeError"):
             await batcher.submit([seq(1)])
         ok = await batcher.submit([seq(1)])
         assert ok.scores.tolist() == [0.0]
@@ -221,6 +222,50 @@ def test_oldest_item_is_not_starved_by_full_batches_of_others() -> None:
         result = await asyncio.wait_for(lonely, timeout=5)
         assert result.scores.tolist() == pytest.approx([expected([7] * 50)])
         await asyncio.gather(*feeders)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_padding_ratio_limit_keeps_different_lengths_apart() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        batcher, stats = make(model, max_batch_size=64, max_padding_ratio=1.15, max_wait_s=0.02)
+        batcher.start()
+        lengths = [3, 3, 10, 11, 11, 30, 31, 3, 10, 10]
+        result = await batcher.submit([seq(*([5] * n)) for n in lengths])
+        await batcher.close()
+        assert result.scores.tolist() == pytest.approx([expected([5] * n) for n in lengths])
+        assert all(s.padded_tokens <= 1.15 * s.real_tokens for s in stats)
+        assert sum(s.size for s in stats) == len(lengths)
+
+    asyncio.run(main())
+    assert len(model.batches) == 3  # the 3, 10-11 and 30-31 token groups
+
+
+def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them() -> None:
+    model = FakeModel()
+
+    class BrokenOnce(Batcher):
+        broken = True
+
+        def select(self, now: float) -> Any:
+            if self.broken:
+                self.broken = False
+                raise KeyError("bug")
+            return super().select(now)
+
+    async def main() -> None:
+        batcher = BrokenOnce(
+            model, pad_token_id=PAD, max_batch_size=4, max_batch_tokens=100, max_wait_s=0.0,
+            max_queue_items=8,
+        )  # fmt: skip
+        batcher.start()
+        with pytest.raises(InferenceError, match="scheduler failed"):
+            await asyncio.wait_for(batcher.submit([seq(1)]), timeout=5)
+        ok = await asyncio.wait_for(batcher.submit([seq(2)]), timeout=5)
+        assert ok.scores.tolist() == pytest.approx([expected([2])])
         await batcher.close()
 
     asyncio.run(main())

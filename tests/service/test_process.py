@@ -23,8 +23,8 @@ from rmserve.service.settings import ServiceSettings
 REPO = Path(__file__).resolve().parents[2]
 
 
-# The real CLI entry point; its `serve` subcommand is rmserve.service.commands.
-SERVE = [sys.executable, "-m", "rmserve.service", "serve"]
+# `rmserve serve`: the real CLI entry point (rmserve/__main__.py -> rmserve.cli.main).
+SERVE = [sys.executable, "-m", "rmserve", "serve"]
 
 
 def free_port() -> int:

@@ -80,3 +80,19 @@ def test_unsafe_or_invalid_settings_are_refused(overrides: dict[str, object], ne
     with pytest.raises(ValidationError) as info:
         ServiceSettings(**overrides)  # type: ignore[arg-type]
     assert needle in str(info.value)
+
+
+def test_docs_table_lists_every_setting_and_metric() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    for name, field in ServiceSettings.model_fields.items():
+        row = next(
+            (line for line in docs.splitlines() if line.startswith(f"| `RMSERVE_{name.upper()}`")),
+            None,
+        )
+        assert row is not None, f"RMSERVE_{name.upper()} missing from docs/service.md"
+        assert str(field.description) in row
+    from rmserve.service.metrics import ServiceMetrics
+
+    for metric in ServiceMetrics().registry.collect():
+        shown = metric.name + ("_total" if metric.type == "counter" else "")
+        assert f"`{shown}" in docs, shown

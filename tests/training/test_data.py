@@ -125,7 +125,10 @@ def test_conversational_rows(tmp_path: Path) -> None:
         (
             {
                 "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}],
-                "rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}],
+                "rejected": [
+                    {"role": "user", "content": "y"},
+                    {"role": "assistant", "content": "b"},
+                ],
             },
             "differ",
         ),
