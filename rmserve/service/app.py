@@ -25,7 +25,11 @@ from rmserve.service.auth import make_key_dependency
 from rmserve.service.batcher import Batcher
 from rmserve.service.errors import install_error_handlers
 from rmserve.service.metrics import ServiceMetrics
-from rmserve.service.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from rmserve.service.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    ObservabilityMiddleware,
+)
 from rmserve.service.routes import compat, meta, v1
 from rmserve.service.scoring import LoadedModel, Scorer, load_model
 from rmserve.service.settings import ServiceSettings
@@ -124,8 +128,9 @@ def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> F
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
         known_paths += [route.path for route in router.routes if isinstance(route, APIRoute)]
-    # Added innermost first: the request passes Observability -> CORS -> BodyLimit -> app.
+    # Added innermost first: Observability -> CORS -> Admission -> BodyLimit -> app.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_concurrent_requests)
     origins = settings.cors_origin_list()
     if origins:
         app.add_middleware(

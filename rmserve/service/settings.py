@@ -10,10 +10,11 @@ unsafe or contradictory are refused when the object is built, with a message nam
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["MIN_API_KEY_LENGTH", "ServiceSettings"]
@@ -96,6 +97,13 @@ class ServiceSettings(BaseSettings):
     max_items_per_request: int = Field(
         default=1024, ge=1, description="Most items in one request; beyond it 413."
     )
+    max_concurrent_requests: int = Field(
+        default=1024,
+        ge=1,
+        description="Most POST requests being parsed, tokenized, queued or scored at once; "
+        "beyond it 429 with Retry-After before the body is parsed, so that an overload "
+        "costs little and the accepted requests keep their throughput.",
+    )
     max_request_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,
@@ -138,6 +146,19 @@ class ServiceSettings(BaseSettings):
         description="Normalize rewards (bundle mean/std) in the OpenRLHF /get_reward and "
         "vLLM /classify routes, which have no per-request option.",
     )
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _ignore_kubernetes_service_link(cls, value: Any) -> Any:
+        # Kubernetes injects RMSERVE_PORT=tcp://10.x.y.z:8000 into pods (docker-link style
+        # service links) when a Service is named "rmserve"; that is not our setting.
+        if isinstance(value, str) and value.startswith(("tcp://", "udp://")):
+            logging.getLogger("rmserve.service.settings").warning(
+                f"ignoring RMSERVE_PORT={value!r}: it is a Kubernetes service link, not a port; "
+                "listening on 8000. Set enableServiceLinks: false or pass --port"
+            )
+            return 8000
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> ServiceSettings:

@@ -8,6 +8,8 @@ functions training used, so the ids are the ones the model was trained and expor
 
 A request's items are rendered and encoded together in one call to the tokenizer (Rust,
 parallel across items) inside a small thread pool, so the event loop never tokenizes.
+Requests that arrive while the pool is busy are handed over together, one thread hop for
+many small requests.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ class EncodedItems:
     tokens: int  # sum of T_i
 
 
+@dataclass(frozen=True)
+class _Job:
+    items: Sequence[ItemInput]
+    truncate_response: bool
+    future: asyncio.Future[EncodedItems]
+
+
 class RequestTokenizer:
     """Renders and encodes items with the bundle's format and tokenizer."""
 
@@ -126,12 +135,58 @@ class RequestTokenizer:
                 f"{path} cannot be loaded by the tokenizers library: {e}; export the bundle again"
             ) from e
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rmserve-tok")
+        self._threads = threads
+        self._waiting: list[_Job] = []  # requests not yet handed to the pool
+        self._waves_in_flight = 0
 
     async def encode(self, items: Sequence[ItemInput], *, truncate_response: bool) -> EncodedItems:
+        """Encode one request's items in the thread pool; raises the item errors above."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self.encode_sync, items, truncate_response
-        )
+        future: asyncio.Future[EncodedItems] = loop.create_future()
+        self._waiting.append(_Job(items, truncate_response, future))
+        if self._waves_in_flight < self._threads:
+            self._start_wave(loop)
+        return await future
+
+    # Many small concurrent requests (one sample each, as RL trainers send) would cost a
+    # thread hop each; instead, requests that arrive while the pool is busy wait and go
+    # together in the next "wave": one hop for all of them. Each keeps its own errors.
+
+    def _start_wave(self, loop: asyncio.AbstractEventLoop) -> None:
+        wave, self._waiting = self._waiting, []
+        self._waves_in_flight += 1
+        job = loop.run_in_executor(self._executor, self._encode_wave, wave)
+        job.add_done_callback(lambda done: self._finish_wave(loop, wave, done))
+
+    def _encode_wave(self, wave: list[_Job]) -> list[EncodedItems | Exception]:
+        results: list[EncodedItems | Exception] = []
+        for job in wave:
+            try:
+                results.append(self.encode_sync(job.items, job.truncate_response))
+            except Exception as e:  # delivered to that request only
+                results.append(e)
+        return results
+
+    def _finish_wave(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        wave: list[_Job],
+        done: asyncio.Future[list[EncodedItems | Exception]],
+    ) -> None:
+        self._waves_in_flight -= 1
+        try:
+            results = done.result()
+        except Exception as e:  # the pool itself failed (shut down)
+            results = [e] * len(wave)
+        for job, result in zip(wave, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+        if self._waiting:
+            self._start_wave(loop)
 
     def encode_sync(self, items: Sequence[ItemInput], truncate_response: bool) -> EncodedItems:
         rendered: list[RenderedText] = []

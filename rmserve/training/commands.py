@@ -18,22 +18,23 @@ DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "hh-harmless"
 DEFAULT_TRAIN_FILE = "train.jsonl.gz"
 DEFAULT_EVAL_FILE = "dev.jsonl.gz"
 # The default recipe (docs/training.md has the measured accuracy and time).
-# Tuned with 3-6 seeds per setting on HH-harmless dev (239 pairs, one std error ~3 points):
-# one epoch of the last 128 tokens, the embeddings and the 2 lowest blocks frozen (2-3x faster
-# steps on CPU, and less overfitting of 1.8k pairs), a high learning rate for the head and top
-# blocks, and a little reward centering.
+# Tuned over 4+ seeds per setting on HH-harmless dev (239 pairs: one standard error is about
+# 3 points), picking the setting with the best worst seed, not the best lucky one: one epoch
+# of the last 128 tokens; the embeddings and the 3 lowest of 6 blocks frozen (faster steps on
+# CPU, less overfitting of 1.8k pairs); a high learning rate for the head and the top blocks;
+# a little reward centering. docs/training.md has the sweep.
 DEFAULTS: dict[str, Any] = {
     "base": "minilm",
     "epochs": 1.0,
     "max_length": 128,
-    "lr": 3e-4,
+    "lr": 2e-4,
     "batch_size": 32,
     "warmup_ratio": 0.1,
     "weight_decay": 0.01,
     "center_rewards": 0.01,
     "out": "artifacts/checkpoint",
     "freeze_embeddings": True,
-    "freeze_layers": 2,
+    "freeze_layers": 3,
     "eval_steps": 25,
 }
 

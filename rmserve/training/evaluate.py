@@ -144,6 +144,7 @@ def evaluate_model(
         from rmserve.training.metadata import TrainingInfo
         from rmserve.training.modeling import (
             architecture_of,
+            default_max_length,
             load_reward_model,
             load_tokenizer,
         )
@@ -156,7 +157,7 @@ def evaluate_model(
         net = load_reward_model(str(root), pad_token_id=tokenizer.pad_token_id)
         _, pooling = architecture_of(net)
         fmt = info.text_format if info else TextFormat()
-        length = max_length or (info.max_length if info else 512)
+        length = max_length or (info.max_length if info else default_max_length(net))
         pad_token_id = int(tokenizer.pad_token_id)
         encoder = PairEncoder(tokenizer.backend_tokenizer, length)
         scorer = torch_scorer(net, pooling)

@@ -7,7 +7,8 @@ can never be served by mistake.
 
 Parity:
 - fp32: max |torch - onnxruntime| <= ``fp32_tolerance`` (1e-4) on a right-padded batch of
-  mixed lengths, longer than the trace shape (dynamic axes really work), plus every eval pair;
+  mixed lengths, longer than the trace shape (dynamic axes really work), synthetic pairs up
+  to max_length plus a slice of the eval pairs;
 - int8 / fp16: pairwise decisions agree with fp32 on >= ``min_agreement`` (99%) of the eval
   pairs and accuracy drops by <= ``max_accuracy_drop`` (1 point).
 
@@ -52,14 +53,13 @@ from rmserve.training.metadata import TrainingInfo
 from rmserve.training.modeling import (
     RewardModel,
     architecture_of,
+    default_max_length,
     load_reward_model,
     load_tokenizer,
 )
 from rmserve.training.scoring import onnx_scorer, pad_batch
 
 __all__ = ["ExportError", "export_bundle", "export_onnx"]
-
-DEFAULT_MAX_LENGTH = 512
 
 
 class ExportError(RuntimeError):
@@ -111,7 +111,7 @@ def export_onnx(
 
 
 def _parity_texts(encoder: PairEncoder, text_format: TextFormat, count: int = 6) -> list[list[int]]:
-    """Ids of synthetic pairs from 1 token to max_length, for the fp32 check."""
+    """Ids of synthetic pairs from a few tokens to max_length, for the fp32 check."""
     sentence = "The quick brown fox jumps over the lazy dog, and then it rests. "
     rows: list[list[int]] = []
     for i in range(count):
@@ -222,7 +222,7 @@ def export_bundle(
     model.train(False)  # eval mode: dropout off (the traced graph keeps whatever mode it sees)
     kind, pooling = architecture_of(model)
     fmt = text_format or (info.text_format if info else TextFormat())
-    length = max_length or (info.max_length if info else None) or _default_length(model)
+    length = max_length or (info.max_length if info else None) or default_max_length(model)
     pad_token_id = int(tokenizer.pad_token_id)
 
     if (int8 or fp16) and eval_pairs is None and info is not None and info.eval_data:
@@ -324,11 +324,3 @@ def export_bundle(
     )
     manifest.write(out)
     return manifest
-
-
-def _default_length(model: torch.nn.Module) -> int:
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None
-    )
-    return int(min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH))

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MINILM_ALIAS",
+    "MINILM_NAME",
     "RewardModel",
     "architecture_of",
+    "default_max_length",
     "freeze",
     "load_reward_model",
     "load_tokenizer",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 MINILM_ALIAS = "minilm"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the alias is, for manifests
 
 # Decoder heads in transformers are called ``score`` (GPT-2, Llama, Qwen2, Mistral, Gemma,
 # Phi, ...); encoder heads are called ``classifier`` (BERT, RoBERTa, DeBERTa, DistilBERT,
@@ -61,6 +64,15 @@ def architecture_of(model: PreTrainedModel) -> tuple[ArchitectureKind, Pooling]:
     if hasattr(model, _DECODER_HEAD):
         return "decoder", "last"
     return "encoder", "first"
+
+
+def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
+    """The model's position limit, capped (used when nothing else says the max length)."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    return int(min(cap, positions or cap))
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

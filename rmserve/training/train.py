@@ -20,6 +20,8 @@ from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample, ReadResult, read_examples
 from rmserve.training.metadata import TrainingInfo
 from rmserve.training.modeling import (
+    MINILM_ALIAS,
+    MINILM_NAME,
     RewardModel,
     architecture_of,
     freeze,
@@ -51,6 +53,13 @@ def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
             gap = len(example.responses[lo]) - len(example.responses[w])
             scores.append(1.0 if gap > 0 else 0.5 if gap == 0 else 0.0)
     return sum(scores) / max(1, len(scores))
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local path made absolute (export may run from another directory); ids unchanged."""
+    if source and Path(source).exists():
+        return str(Path(source).resolve())
+    return source
 
 
 def _log(message: str) -> None:
@@ -115,7 +124,7 @@ def train_reward_model(
         f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
         f"examples, {train_set.truncated} truncated to {config.max_length} tokens, "
         f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters; "
-        f"{config.world_size} processes"
+        f"processes: {config.world_size}"
     )
 
     torch.manual_seed(config.seed)
@@ -147,15 +156,13 @@ def train_reward_model(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out_path))
         TrainingInfo(
-            base_model=base_path if base != "minilm" else f"minilm ({base_path})",
+            base_model=MINILM_NAME if base == MINILM_ALIAS else base_path,
             max_length=config.max_length,
             text_format=fmt,
             normalization=normalization,
             evaluation=evaluation,
             train_data=str(data),
-            eval_data=str(Path(eval_data).resolve())
-            if eval_data and Path(eval_data).exists()
-            else eval_data,
+            eval_data=_absolute(eval_data),
         ).write(out_path)
         summary: dict[str, Any] = {
             "out": str(out_path),

@@ -214,6 +214,9 @@ class RewardTrainer(Trainer):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
+        # One row per pair. With K = 2 that is one row per example, so the duplicate trimming
+        # of distributed evaluation (which counts examples) is exact; with ranked examples
+        # under several processes, the last batch's padding examples may count once more.
         pairs = torch.stack([outputs["chosen"], outputs["rejected"]], dim=1)  # (P, 2)
         # Trainer calls compute_metrics only when labels exist; the pairs carry their own.
         labels = torch.zeros(pairs.size(0), device=pairs.device)

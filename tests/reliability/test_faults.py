@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -40,10 +41,8 @@ def _log_lines(text: str) -> list[dict[str, Any]]:
     lines = []
     for line in text.splitlines():
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 lines.append(json.loads(line))
-            except ValueError:
-                pass
     return lines
 
 
@@ -134,7 +133,8 @@ def test_sigterm_under_load_answers_every_accepted_request(
     assert code == 0, log[-2000:]
     assert exited_after < drain_timeout_s, exited_after
     messages = [line["message"] for line in _log_lines(log)]
-    assert "shutting down: draining" in messages and "stopped" in messages
+    assert "shutting down: draining" in messages
+    assert "stopped" in messages
 
 
 # --- an inference error in one batch ----------------------------------------------------------
@@ -189,7 +189,9 @@ def test_an_inference_error_fails_only_its_batch(
         assert error["type"] == "inference_error"
         assert "the model failed on a batch" in error["message"]
         # Neither a stack trace nor the exception's internals reach the client.
-        assert "Traceback" not in r.text and "injected" not in r.text and "/secret" not in r.text
+        assert "Traceback" not in r.text
+        assert "injected" not in r.text
+        assert "/secret" not in r.text
     assert "injected fault" in caplog.text  # ...they are in the server log
     for r_before, r_during in zip(before, during, strict=True):
         if r_during.status_code == 200:
@@ -259,10 +261,8 @@ def test_a_broken_bundle_exits_2_with_a_clear_error_and_is_never_ready(
     deadline = time.monotonic() + 90
     while server.process.poll() is None:
         assert time.monotonic() < deadline, "the server neither failed nor exited in 90 s"
-        try:
+        with contextlib.suppress(httpx.TransportError):
             readyz.add(httpx.get(server.url + "/readyz", timeout=1).status_code)
-        except httpx.TransportError:
-            pass
         time.sleep(0.02)
     log = server.log()
     assert server.process.returncode == 2, log[-3000:]
@@ -351,3 +351,28 @@ def test_client_retries_carry_scoring_through_server_restarts(
     for scores in passes:
         assert len(scores) == len(reference)
         np.testing.assert_allclose(scores, reference, atol=1e-5)
+
+
+# --- Kubernetes service links -----------------------------------------------------------------
+
+
+def test_a_kubernetes_service_link_in_rmserve_port_is_ignored_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from rmserve.service.settings import ServiceSettings
+
+    # What a pod gets from a Service named "rmserve" when service links are on.
+    monkeypatch.setenv("RMSERVE_PORT", "tcp://10.0.0.1:8000")
+    monkeypatch.setenv("RMSERVE_PORT_8000_TCP_ADDR", "10.0.0.1")
+    monkeypatch.setenv("RMSERVE_SERVICE_HOST", "10.0.0.1")
+    with caplog.at_level("WARNING", logger="rmserve.service.settings"):
+        settings = ServiceSettings(bundle=tmp_path)
+    assert settings.port == 8000
+    assert "Kubernetes service link" in caplog.text
+    # A --port flag (an init value) still wins, without the warning.
+    caplog.clear()
+    assert ServiceSettings(bundle=tmp_path, port=9123).port == 9123
+    assert "service link" not in caplog.text
+    monkeypatch.setenv("RMSERVE_PORT", "not-a-port")
+    with pytest.raises(ValueError, match="port"):
+        ServiceSettings(bundle=tmp_path)

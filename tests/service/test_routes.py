@@ -270,3 +270,14 @@ def test_metrics_expose_the_documented_names(post: Post, encoder_server: Running
     assert 'rmserve_requests_total{route="/v1/score",status="422"}' in text
     assert 'rmserve_model_info{model="tiny-encoder",precision="fp32",provider="cpu"} 1.0' in text
     assert encoder_server.metric("rmserve_items_total") == before + 2
+
+
+def test_a_bad_item_fails_only_its_own_request_under_concurrency(post: Post) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = {"items": [{"messages": [{"role": "user", "content": "no response"}]}]}
+    good = {"items": [PAIR]}
+    bodies = [bad if i % 4 == 0 else good for i in range(24)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(pool.map(lambda b: post("/v1/score", b).status_code, bodies))
+    assert statuses == [422 if i % 4 == 0 else 200 for i in range(24)]

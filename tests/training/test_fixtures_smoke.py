@@ -1,4 +1,4 @@
-"""The shared bundle fixtures load and carry the promised variants."""
+"""The MiniLM bundle fixture that the service tests use is a valid, well-formed bundle."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 from rmserve.manifest import load_bundle
 
 
-@pytest.mark.parametrize("name", ["tiny_encoder_bundle", "tiny_decoder_bundle", "minilm_bundle"])
-def test_tiny_bundles_load(name: str, request: pytest.FixtureRequest) -> None:
-    bundle: Path = request.getfixturevalue(name)
-    manifest = load_bundle(bundle)
+@pytest.mark.slow
+def test_minilm_bundle(minilm_bundle: Path) -> None:
+    manifest = load_bundle(minilm_bundle)
     assert set(manifest.variants) == {"fp32", "int8"}
+    assert manifest.architecture.model_type == "bert"
+    assert manifest.max_length == 256
     assert manifest.variants["fp32"].parity["max_abs_diff"] <= 1e-4
-    assert 0.0 <= manifest.variants["int8"].parity["pairwise_agreement"] <= 1.0
     assert manifest.evaluation is not None
-    assert manifest.evaluation.n in (100, 64)
+    assert manifest.evaluation.n == 64
+    assert (minilm_bundle / "model.onnx").stat().st_size > 50_000_000  # the real weights
