@@ -9,11 +9,12 @@ window closes are abandoned, so a run lasts exactly warmup + duration even when 
 slow. Hooks run at the window's edges (the harness reads /metrics and the server's CPU time).
 
 Why this and not ``hey``/``wrk``: the shapes need a different JSON body per request (real
-prompts of real lengths), which ``hey`` cannot send and ``wrk`` needs Lua for; and the rates
-here are tens to hundreds of requests per second against a model that takes tens of
-milliseconds per pair, so a Python client costs little. It runs in the harness process, apart
-from the server, with bodies serialised up front; its CPU time is measured (``client_cpu_s``),
-so its share of the cores is reported, not guessed.
+prompts of real lengths), which ``hey`` cannot send and ``wrk`` needs Lua for. The client runs
+in the harness process, apart from the server, on the same cores, so it must be light: each
+worker holds one keep-alive HTTP/1.1 connection and writes request bytes built once up front
+(``client="raw"``, the default; a minimal HTTP/1.1 exchange over asyncio streams). ``httpx``
+(``client="httpx"``) is kept to cross-check; it costs several times more CPU per request. The
+client's CPU time over the window is measured and reported (``client_cpu_s``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -65,6 +66,51 @@ def _count_scores(content: bytes) -> int:
     return len(scores) if isinstance(scores, list) else -1
 
 
+class _RawConnection:
+    """One keep-alive HTTP/1.1 connection: POST prepared bytes, read a Content-Length answer."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = -1
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length < 0:
+                raise ConnectionError("answer without Content-Length (chunked?)")
+            body = await self.reader.readexactly(length)
+            if b"connection: close" in head.lower():
+                self.close()
+            return status, body
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class _Window:
     def __init__(self, start: float, end: float):
         self.start = start
@@ -74,26 +120,29 @@ class _Window:
         return self.start <= t <= self.end
 
 
+Exchange = Callable[[int], Awaitable[tuple[int, bytes]]]  # body index -> (status, body)
+
+
 async def _worker(
-    client: httpx.AsyncClient,
-    url: str,
-    bodies: itertools.cycle[tuple[bytes, int]],
+    exchange: Exchange,
+    indices: itertools.cycle[int],
+    counts: Sequence[int],
     window: _Window,
     result: LoadResult,
 ) -> None:
-    headers = {"content-type": "application/json"}
     while time.perf_counter() < window.end:
-        body, n_items = next(bodies)
+        index = next(indices)
+        n_items = counts[index]
         sent = time.perf_counter()
         try:
-            response = await client.post(url, content=body, headers=headers)
-            ok = response.status_code == 200
+            status, content = await exchange(index)
+            ok = status == 200
             if ok:
-                ok = _count_scores(response.content) == n_items
+                ok = _count_scores(content) == n_items
                 problem = "wrong number of scores"
             else:
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-        except httpx.HTTPError as e:
+                problem = f"HTTP {status}: {content[:200].decode(errors='replace')}"
+        except (OSError, asyncio.IncompleteReadError, httpx.HTTPError, ValueError) as e:
             ok, problem = False, f"{type(e).__name__}: {e}"
         done = time.perf_counter()
         if not window.holds(done):
@@ -118,19 +167,40 @@ async def _run(
     duration_s: float,
     on_start: Hook | None,
     on_end: Hook | None,
+    client: str,
 ) -> LoadResult:
     result = LoadResult()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    # A generous timeout: at high concurrency a request can wait seconds in the queue, and a
-    # client-side timeout would turn a slow answer into a fake error.
-    timeout = httpx.Timeout(300.0)
-    cycle = itertools.cycle(bodies)
+    parsed = httpx.URL(url)
+    host, port, path = parsed.host, parsed.port or 80, parsed.raw_path.decode()
+    counts = [n for _, n in bodies]
+    indices = itertools.cycle(range(len(bodies)))
     now = time.perf_counter()
     window = _Window(now + warmup_s, now + warmup_s + duration_s)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    # A generous timeout for httpx: at high concurrency a request can wait seconds in the
+    # queue, and a client-side timeout would turn a slow answer into a fake error.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0)) as http:
+        exchanges: list[Exchange] = []
+        if client == "raw":
+            requests = [_request_bytes(host, port, path, body) for body, _ in bodies]
+            connections = [_RawConnection(host, port) for _ in range(concurrency)]
+            for connection in connections:
+
+                async def exchange(index: int, c: _RawConnection = connection) -> tuple[int, bytes]:
+                    return await c.post(requests[index])
+
+                exchanges.append(exchange)
+        else:
+            headers = {"content-type": "application/json"}
+
+            async def via_httpx(index: int) -> tuple[int, bytes]:
+                response = await http.post(url, content=bodies[index][0], headers=headers)
+                return response.status_code, response.content
+
+            exchanges = [via_httpx] * concurrency
         workers = [
-            asyncio.create_task(_worker(client, url, cycle, window, result))
-            for _ in range(concurrency)
+            asyncio.create_task(_worker(exchange, indices, counts, window, result))
+            for exchange in exchanges
         ]
         # The window is fixed in time; the hooks may take a moment (a busy server answers
         # /metrics late) but never move it.
@@ -146,6 +216,9 @@ async def _run(
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        if client == "raw":
+            for connection in connections:
+                connection.close()
     return result
 
 
@@ -158,6 +231,7 @@ def run_load(
     warmup_s: float = 0.0,
     on_start: Hook | None = None,
     on_end: Hook | None = None,
+    client: str = "raw",
 ) -> LoadResult:
     """Drive ``url`` with ``concurrency`` closed-loop workers: ``warmup_s`` uncounted, then
     ``duration_s`` measured. ``bodies`` are (JSON body, number of items) pairs, taken in order
@@ -167,6 +241,13 @@ def run_load(
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if duration_s <= 0:
         raise ValueError(f"duration must be positive, got {duration_s}")
+    if client not in ("raw", "httpx"):
+        raise ValueError(f"client must be raw or httpx, got {client!r}")
     if not bodies:
         raise ValueError("no requests to send; the workload is empty")
-    return asyncio.run(_run(url, bodies, concurrency, warmup_s, duration_s, on_start, on_end))
+    main = _run(url, bodies, concurrency, warmup_s, duration_s, on_start, on_end, client)
+    try:  # uvloop (uvicorn's loop too) spends less CPU per request than asyncio's own loop
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

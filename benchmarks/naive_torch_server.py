@@ -6,7 +6,9 @@ request, on that request's items only: no batching across requests. Like OpenRLH
 one at a time (a threaded handler would run several forwards at once and oversubscribe the
 cores, which is slower on a CPU, not faster).
 
-Fair to it: ``torch.inference_mode``, the same intra-op thread count as rmserve, and the same
+Fair to it: ``torch.inference_mode``, the same intra-op thread count as rmserve (the harness
+also sets ``OMP_WAIT_POLICY=PASSIVE``, without which torch's spinning threads slowed a forward
+5-10x whenever another process wanted the cores), and the same
 text (``rmserve.formatting.render`` with the bundle's text format) and truncation
 (``rmserve.encoding.PairEncoder`` over the bundle's tokenizer) as the service, so both score
 the very same token ids. A request with several items (grpo8) runs as one padded batch.

@@ -148,7 +148,10 @@ def write_plot(path: Path, runs: list[Run]) -> None:
     import matplotlib.pyplot as plt
 
     served = [r for r in runs if r["shape"] != "offline"]
-    groups = sorted({(r["shape"], r["concurrency"]) for r in served}, key=lambda g: (g[0], g[1]))
+    groups = sorted(
+        {(r["shape"], r["concurrency"]) for r in served},
+        key=lambda g: (g[0] != "single", g[0], g[1]),
+    )
     systems = sorted({r["system"] for r in served})
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5))
     width = 0.8 / max(1, len(systems))

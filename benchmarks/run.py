@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=_int_list, default=[1, 16, 64], help="single's concurrencies"
     )
-    p.add_argument("--grpo-concurrency", type=_int_list, default=[16], help="grpo8's concurrencies")
+    p.add_argument(
+        "--grpo-concurrency",
+        type=_int_list,
+        default=None,
+        help="grpo8's concurrencies (default 4 on cpu: 32 pairs in flight; 64 on cuda)",
+    )
     p.add_argument("--duration", type=float, default=None, help="seconds per measured run")
     p.add_argument("--warmup", type=float, default=None, help="seconds of load before each run")
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
@@ -121,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra environment for the rmserve servers, e.g. RMSERVE_MAX_WAIT_MS=5",
+    )
+    p.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator's HTTP client: raw (light, keep-alive HTTP/1.1) or httpx",
     )
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU runs")
     p.add_argument(
@@ -155,6 +166,7 @@ def _measure(
     duration: float,
     warmup: float,
     path: str,
+    client: str = "raw",
 ) -> dict[str, Any]:
     url = server.base_url + path
     edges: dict[str, Any] = {}
@@ -172,7 +184,7 @@ def _measure(
 
     result: LoadResult = run_load(
         url, bodies, concurrency, duration, warmup_s=warmup, on_start=window_start,
-        on_end=window_end,
+        on_end=window_end, client=client,
     )  # fmt: skip
     before, after, server_cpu = edges["metrics"], edges["metrics_after"], edges["cpu"]
     lat = result.latencies_ms
@@ -245,7 +257,10 @@ def _server_argv(
         "--bundle", str(bundle), "--port", str(port), "--threads", str(args.threads),
         "--dtype", dtype, "--device", args.device,
     ]  # fmt: skip
-    return argv, {}
+    # libgomp's threads spin-wait between parallel regions; when anything else needs the cores
+    # (here the client, or a teammate's job) a forward took 200-490 ms instead of 45. PASSIVE
+    # keeps the baseline from being crippled by that; on an idle machine it changes little.
+    return argv, {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _run_servers(
@@ -279,7 +294,7 @@ def _run_servers(
             for shape, concurrency in plan:
                 run = _measure(
                     server, system, shape, concurrency, bodies[shape], duration, warmup,
-                    "/v1/score",
+                    "/v1/score", args.client,
                 )  # fmt: skip
                 _log(
                     f"{system} {shape} c={concurrency}: {run['pairs_per_s']} pairs/s, "
@@ -346,13 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.systems is None:
         args.systems = CPU_SYSTEMS if args.device == "cpu" else GPU_SYSTEMS
+    if args.grpo_concurrency is None:
+        args.grpo_concurrency = [4] if args.device == "cpu" else [64]
     started = time.monotonic()
     bundle = Path(args.bundle or DEFAULT_BUNDLE)
     if not (bundle / "rmserve.json").is_file():
         hint = "" if args.bundle else " (the default; make it with scripts/main.sh)"
         raise SystemExit(f"no bundle at {bundle}{hint}; pass --bundle DIR with an exported bundle")
     quick = bool(args.quick)
-    duration = args.duration if args.duration is not None else (5.0 if quick else 30.0)
+    duration = args.duration if args.duration is not None else (5.0 if quick else 20.0)
     warmup = args.warmup if args.warmup is not None else (2.0 if quick else 5.0)
     limit = args.limit if args.limit is not None else (400 if quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -395,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": duration,
             "warmup_s": warmup,
             "threads": args.threads,
+            "client": args.client,
             "device": args.device,
             "rmserve_env": args.rmserve_env,
             "wall_s": round(time.monotonic() - started, 1),

@@ -93,11 +93,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def scrape(url: str, name: str, headers: Mapping[str, str] | None = None) -> float:
-    """The sum of the samples of metric ``name`` (no labels filter) in ``url``/metrics."""
+def scrape(
+    url: str, name: str, labels: str = "", headers: Mapping[str, str] | None = None
+) -> float:
+    """The sum of the samples of metric ``name`` in ``url``/metrics whose line contains
+    ``labels`` (e.g. ``route="/v1/score"``)."""
     text = httpx.get(url + "/metrics", headers=dict(headers or {}), timeout=10).text
     total, found = 0.0, False
     for line in text.splitlines():
+        if labels not in line:
+            continue
         if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
             total += float(line.rsplit(" ", 1)[1])
             found = True
@@ -180,8 +185,8 @@ class ServerProcess:
         self.kill()
         raise AssertionError(f"server not ready in {timeout_s} s:\n{self.log()}")
 
-    def metric(self, name: str) -> float:
-        return scrape(self.url, name)
+    def metric(self, name: str, labels: str = "") -> float:
+        return scrape(self.url, name, labels)
 
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)

@@ -49,6 +49,7 @@ def scores_of(answer: dict[str, Any], key: str) -> list[float]:
 FUZZ_EXAMPLES = int(os.environ.get("RMSERVE_FUZZ_EXAMPLES", "60"))
 
 NESTED = b"[" * 100_000 + b"]" * 100_000
+NESTED_OBJECTS = b'{"a": ' * 100_000 + b"1" + b"}" * 100_000
 LONG = "word " * 60_000  # 300k characters: over max_item_chars (200k)
 
 
@@ -73,6 +74,7 @@ def hostile_bodies(route: str) -> list[tuple[str, bytes]]:
         ("json list", b"[]"),
         ("empty object", b"{}"),
         ("deeply nested arrays", NESTED),
+        ("deeply nested objects", NESTED_OBJECTS),
         ("deeply nested in field", b'{"' + field.encode() + b'": ' + NESTED + b"}"),
         ("invalid utf-8", b'{"' + field.encode() + b'": ["\xff\xfe\xfd"]}'),
         ("overlong utf-8", b'{"' + field.encode() + b'": ["\xc0\xaf"]}'),

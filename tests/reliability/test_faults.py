@@ -128,7 +128,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
             problems.append(f"{request_id}: {outcome} long before SIGTERM")
     print(f"\nSIGTERM under load: outcomes {counts}; exit {code} after {exited_after:.2f} s")
     assert not problems, problems[:10]
-    assert counts.get("200", 0) > 20, counts
+    assert counts.get("200", 0) >= 6, counts  # each load thread got answers before SIGTERM
     assert counts.get("ConnectError", 0) > 0, "no request met the closed port after exit"
     assert code == 0, log[-2000:]
     assert exited_after < drain_timeout_s, exited_after
@@ -270,6 +270,32 @@ def test_a_broken_bundle_exits_2_with_a_clear_error_and_is_never_ready(
     assert BROKEN_BUNDLES[how] in log, log[-3000:]
     assert "cannot serve the bundle" in log
     assert "Traceback" not in log, log[-3000:]  # a clear message, not a crash
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serve() loads the bundle (and uvicorn runs the lifespan warm-up) before the port is "
+    "bound, so /healthz refuses connections during loading; DESIGN.md wants /healthz 200 and "
+    "/readyz 503 then. Needs the load moved to a background task after binding, with a failed "
+    "load turned into exit 2 (see the reliability findings). In Kubernetes the startupProbe on "
+    "/readyz covers it.",
+)
+def test_healthz_answers_while_the_bundle_loads(
+    tiny_encoder_bundle: Path, spawn: Callable[..., ServerProcess]
+) -> None:
+    server = spawn(tiny_encoder_bundle, "--log-level", "warning")
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 90
+    while not seen or seen[-1][1] != 200:
+        assert time.monotonic() < deadline, "the server was not ready in 90 s"
+        assert server.process.poll() is None, server.log()
+        try:
+            health = httpx.get(server.url + "/healthz", timeout=1).status_code
+            ready = httpx.get(server.url + "/readyz", timeout=1).status_code
+            seen.append((health, ready))
+        except httpx.TransportError:
+            time.sleep(0.01)
+    assert (200, 503) in seen, f"no moment of live-but-not-ready: {sorted(set(seen))}"
 
 
 # --- the client through restarts ---------------------------------------------------------------

@@ -408,7 +408,7 @@ def test_many_clients_hanging_up_mid_request_leak_nothing(
             assert time.monotonic() < deadline, "the queue did not drain after the hang-ups"
             time.sleep(0.1)
         time.sleep(0.5)
-        requests_seen.append(server.metric("rmserve_requests_total"))
+        requests_seen.append(server.metric("rmserve_requests_total", 'route="/v1/score"'))
         rss_after_round.append(server.rss())
     assert server.process.poll() is None
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
@@ -418,9 +418,47 @@ def test_many_clients_hanging_up_mid_request_leak_nothing(
         f"{requests_seen}; RSS after each round {[round(r / MIB, 1) for r in rss_after_round]} MiB"
     )
     # Every abandoned request reached the app (so the test tested something).
-    assert requests_seen[0] >= 220
-    assert requests_seen[2] - requests_seen[0] >= 2 * 200
+    assert requests_seen[0] == 220
+    assert requests_seen[2] == 3 * 220
     assert rss_after_round[2] <= rss_after_round[0] * 1.05
     assert "Traceback" not in log, log[-3000:]
     assert "Exception in ASGI application" not in log, log[-3000:]
     assert server.stop() == 0
+
+
+def test_beyond_max_concurrent_requests_a_post_is_refused_before_its_body_is_parsed(
+    tiny_encoder_bundle: Path,
+) -> None:
+    from tests.reliability.conftest import serve_app, settings_for
+
+    # A 1.5 s batching wait holds the first two requests in the queue.
+    settings = settings_for(tiny_encoder_bundle, max_concurrent_requests=2, max_wait_ms=1500.0)
+    one = {"items": [{"prompt": "Hi", "response": "Hello."}]}
+    with serve_app(settings) as server, httpx.Client(timeout=30) as client:
+
+        async def scenario() -> tuple[list[int], httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as held:
+                first = [
+                    asyncio.create_task(held.post(server.url + "/v1/score", json=one))
+                    for _ in range(2)
+                ]
+                deadline = time.monotonic() + 10
+                while server.state.scorer.batcher.queued_items < 2:
+                    assert time.monotonic() < deadline, "the two requests never queued"
+                    await asyncio.sleep(0.02)
+                # Not JSON at all: a parsed body would be a 400; refused unparsed, a 429.
+                refused = await asyncio.to_thread(
+                    client.post, server.url + "/v1/score", content=b"{not json", headers=JSON_TYPE
+                )
+                return [r.status_code for r in await asyncio.gather(*first)], refused
+
+        statuses, refused = asyncio.run(scenario())
+        assert statuses == [200, 200]
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers.get("connection") != "close"
+        # The same keep-alive connection serves the next request.
+        again = client.post(server.url + "/v1/score", json=one)
+        assert again.status_code == 200, again.text
+        assert server.metric("rmserve_requests_total", '{route="/v1/score",status="429"}') == 1

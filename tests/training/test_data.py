@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,22 @@ def test_limit_and_bad_sources(tmp_path: Path) -> None:
         read_examples(tmp_path / "d.csv")
     with pytest.raises(DataError, match="not a file"):
         read_examples(tmp_path)
+
+
+def test_hub_dataset_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hugging Face path, with a stand-in for the hub (no network here)."""
+    import types
+
+    calls: list[tuple[str, str]] = []
+
+    def load_dataset(name: str, split: str) -> list[dict[str, Any]]:
+        calls.append((name, split))
+        return [HH_ROW, dict(HH_ROW, rejected="\n\nHuman: other\n\nAssistant: x")]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    result = read_examples("Anthropic/hh-rlhf:test", skip_malformed=True)
+    assert calls == [("Anthropic/hh-rlhf", "test")]
+    assert (len(result.examples), result.skipped) == (1, 1)
+    assert result.problems[0].startswith("Anthropic/hh-rlhf:test[row 1]: ")
+    read_examples("Anthropic/hh-rlhf", skip_malformed=True)
+    assert calls[-1] == ("Anthropic/hh-rlhf", "train")
