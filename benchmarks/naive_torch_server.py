@@ -30,7 +30,7 @@ def build_app(checkpoint: Path, bundle: Path, threads: int, dtype: str, device: 
     import torch
     from fastapi import FastAPI, HTTPException, Request
 
-    from rmserve.encoding import PairEncoder, ResponseTooLong
+    from rmserve.encoding import PairEncoder, ResponseTooLongError
     from rmserve.formatting import FormattingError, messages_from_pair, render, render_text
     from rmserve.manifest import TOKENIZER_NAME, load_bundle
     from rmserve.training.modeling import load_reward_model, reward_forward
@@ -81,7 +81,7 @@ def build_app(checkpoint: Path, bundle: Path, threads: int, dtype: str, device: 
         try:
             rendered = [render_item(item) for item in body["items"]]
             return {"scores": score(rendered)}
-        except (FormattingError, KeyError, TypeError, ResponseTooLong) as e:
+        except (FormattingError, KeyError, TypeError, ResponseTooLongError) as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
     @app.post("/get_reward")
@@ -89,7 +89,7 @@ def build_app(checkpoint: Path, bundle: Path, threads: int, dtype: str, device: 
         body = await request.json()
         try:
             rewards = score([render_text(str(q)) for q in body["query"]])
-        except (KeyError, TypeError, ResponseTooLong) as e:
+        except (KeyError, TypeError, ResponseTooLongError) as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import (
     FormattingError,
     Message,
@@ -138,7 +138,7 @@ def build_workload(
         rendered = render(messages_from_pair(list(prompt), response), text_format)
         try:
             encoded = encoder.encode(rendered)
-        except ResponseTooLong:
+        except ResponseTooLongError:
             skipped += 1
             continue
         items.append(Item(prompt, response, len(encoded.ids)))

@@ -8,7 +8,7 @@ Truncation: the reward is read at one position (first token for encoders, last r
 decoders), so the response must never be cut silently. When a pair is too long:
 
 1. drop prompt tokens from the left until it fits (``truncated=True``);
-2. if the response alone does not fit, raise :class:`ResponseTooLong` with the lengths, unless
+2. if the response alone does not fit, raise :class:`ResponseTooLongError` with the lengths, unless
    the caller allowed response truncation, which keeps the start of the response.
 
 Text rendered by the caller has no known prompt/response boundary; it is cut from the left,
@@ -27,10 +27,10 @@ from rmserve.formatting import RenderedText
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
 
-__all__ = ["EncodedPair", "PairEncoder", "ResponseTooLong"]
+__all__ = ["EncodedPair", "PairEncoder", "ResponseTooLongError"]
 
 
-class ResponseTooLong(ValueError):
+class ResponseTooLongError(ValueError):
     """The response alone does not fit in max_length and response truncation was not allowed."""
 
     def __init__(self, response_tokens: int, prompt_tokens: int, budget: int, max_length: int):
@@ -102,7 +102,7 @@ class PairEncoder:
                 response_tokens = total - prompt_tokens
                 if response_tokens > self.budget:
                     if not truncate_response:
-                        raise ResponseTooLong(
+                        raise ResponseTooLongError(
                             response_tokens, prompt_tokens, self.budget, self.max_length
                         )
                     encoding.truncate(prompt_tokens + self.budget, direction="right")

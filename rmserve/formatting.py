@@ -109,10 +109,7 @@ def messages_from_pair(
     prompt: str | Sequence[Message | Mapping[str, Any]], response: str
 ) -> list[Message]:
     """A prompt (plain string or conversation) plus a response, as one conversation."""
-    if isinstance(prompt, str):
-        turns = [Message("user", prompt)]
-    else:
-        turns = _coerce_messages(prompt)
+    turns = [Message("user", prompt)] if isinstance(prompt, str) else _coerce_messages(prompt)
     return [*turns, Message("assistant", response)]
 
 

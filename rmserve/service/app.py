@@ -1,8 +1,11 @@
 """``create_app(settings)``: the FastAPI application of the scoring service.
 
-The lifespan loads the bundle (unless the server preloaded it), starts the batcher, warms the
-model up and only then turns ``/readyz`` to 200. On shutdown it turns readiness to 503,
-finishes queued and in-flight work (up to ``drain_timeout_s``) and stops the batcher.
+The lifespan starts loading the bundle (unless the caller preloaded it) in the background, so
+the port opens at once: ``/healthz`` answers 200 and ``/readyz`` 503 while the ONNX session is
+created and warmed up, then ``/readyz`` turns 200 (DESIGN.md). A model that fails to load
+marks the state failed and calls ``state.on_fatal`` (the server exits non-zero); readiness
+never turns 200. On shutdown it turns readiness to 503, finishes queued and in-flight work (up
+to ``drain_timeout_s``) and stops the batcher.
 
 Scoring routes (and ``/v1/models``) need the API key when keys are configured; health and
 metrics routes too unless ``open_health`` / ``open_metrics``.
@@ -21,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from rmserve import __version__
+from rmserve.manifest import Manifest
 from rmserve.service.auth import make_key_dependency
 from rmserve.service.batcher import Batcher
 from rmserve.service.errors import install_error_handlers
@@ -52,15 +56,22 @@ ONNX, batching items of concurrent requests together. Compatible with OpenRLHF's
 model (`/get_reward`) and vLLM's `/classify` as verl calls it."""
 
 
-def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> FastAPI:
-    """The app for ``settings``; ``model`` is a bundle already loaded by the caller, if any."""
+def create_app(
+    settings: ServiceSettings,
+    model: LoadedModel | None = None,
+    *,
+    manifest: Manifest | None = None,
+) -> FastAPI:
+    """The app for ``settings``; ``model`` is a bundle already loaded by the caller, if any,
+    and ``manifest`` one already checked (so the files are not hashed twice)."""
     metrics = ServiceMetrics()
     state = ServiceState(settings=settings, metrics=metrics, model=model, created=int(time.time()))
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    batchers: list[Batcher] = []
+
+    async def start() -> None:
         if state.model is None:
-            state.model = await asyncio.to_thread(load_model, settings)
+            state.model = await asyncio.to_thread(load_model, settings, manifest)
         loaded = state.model
         info = loaded.runtime.info
         metrics.model_info.labels(
@@ -78,10 +89,13 @@ def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> F
             on_queue_change=metrics.set_queue_items,
         )
         batcher.start()
+        batchers.append(batcher)
         if settings.warmup:
             seconds = await asyncio.to_thread(loaded.runtime.warm_up, settings.max_batch_size)
             logger.info("warm-up done", extra={"seconds": round(seconds, 3)})
         state.scorer = Scorer(loaded, batcher, settings)
+        if state.draining:  # SIGTERM came while loading: never turn ready
+            return
         state.ready = True
         logger.info(
             "ready",
@@ -95,14 +109,34 @@ def create_app(settings: ServiceSettings, model: LoadedModel | None = None) -> F
                 "max_padding_ratio": settings.max_padding_ratio,
             },
         )
+
+    async def start_or_fail() -> None:
+        try:
+            await start()
+        except Exception as e:  # any failure to load is fatal: never a half-ready server
+            state.failed = True
+            logger.error(f"cannot serve the bundle: {e}", extra={"bundle": str(settings.bundle)})
+            if state.on_fatal is not None:
+                state.on_fatal()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(start_or_fail())
         try:
             yield
         finally:
             state.draining = True
             state.ready = False
-            drained = await batcher.drain(settings.drain_timeout_s)
-            await batcher.close()
-            loaded.close()
+            await starting  # a load in a worker thread cannot be interrupted; let it end
+            timeout = settings.drain_timeout_s
+            if state.drain_deadline is not None:
+                timeout = max(0.0, state.drain_deadline - time.monotonic())
+            drained = True
+            for batcher in batchers:
+                drained = await batcher.drain(timeout)
+                await batcher.close()
+            if state.model is not None:
+                state.model.close()
             logger.info("stopped", extra={"drained": drained})
 
     app = FastAPI(

@@ -47,8 +47,9 @@ class LoadedModel:
         self.tokenizer.close()
 
 
-def load_model(settings: ServiceSettings) -> LoadedModel:
-    """Load and check the bundle of ``settings``; raises BundleError or RuntimeConfigError."""
+def check_bundle(settings: ServiceSettings) -> Manifest:
+    """Check the bundle of ``settings`` (manifest, file hashes, fit with the settings) without
+    loading the model; raises BundleError or ValueError naming the problem."""
     if settings.bundle is None:
         raise ValueError("no bundle given: pass BUNDLE to `rmserve serve` or set RMSERVE_BUNDLE")
     manifest = load_bundle(settings.bundle)
@@ -58,6 +59,15 @@ def load_model(settings: ServiceSettings) -> LoadedModel:
             f"({manifest.max_length}); one long item would not fit a batch. Raise it to at "
             f"least {manifest.max_length}"
         )
+    return manifest
+
+
+def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> LoadedModel:
+    """Load the bundle of ``settings`` (checked first unless ``manifest`` says it was);
+    raises BundleError, RuntimeConfigError or ValueError."""
+    if manifest is None:
+        manifest = check_bundle(settings)
+    assert settings.bundle is not None  # check_bundle refused a missing one
     runtime = ModelRuntime(
         settings.bundle,
         manifest,

@@ -4,8 +4,12 @@ On SIGTERM (or SIGINT): ``/readyz`` turns 503 at once, uvicorn stops accepting c
 requests already accepted are answered (the batcher keeps running until they are), then the
 lifespan drains the batcher and the process exits 0. ``drain_timeout_s`` bounds the wait.
 
-A bundle that cannot be served is refused before the port is opened: the BundleError (or
-settings) message is logged and the process exits 2, so there is never a half-ready server.
+Start-up: the bundle is checked (manifest, format version, file hashes, fit with the settings)
+before the port opens; then uvicorn binds, ``/healthz`` answers 200 and ``/readyz`` 503 while the
+ONNX session is created and warmed up in the background, and ``/readyz`` turns 200 when it is
+done. A bundle that cannot be served is refused with its message logged and exit status 2,
+before the port opens or, for a model ONNX Runtime cannot load, as soon as the load fails:
+``/readyz`` never answers 200 for it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 from types import FrameType
 
 import uvicorn
@@ -21,7 +26,7 @@ from rmserve.manifest import BundleError
 from rmserve.service.app import create_app
 from rmserve.service.logs import setup_logging
 from rmserve.service.runtime import RuntimeConfigError
-from rmserve.service.scoring import load_model
+from rmserve.service.scoring import check_bundle
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.state import ServiceState
 
@@ -43,6 +48,7 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._state.draining:
             logger.info("shutting down: draining", extra={"signal": signal.Signals(sig).name})
+            self._state.drain_deadline = time.monotonic() + self._state.settings.drain_timeout_s
         self._state.draining = True
         self._state.ready = False
         if self.should_exit and sig == signal.SIGINT:
@@ -62,11 +68,11 @@ def serve(settings: ServiceSettings) -> int:
             extra={"host": settings.host},
         )
     try:
-        model = load_model(settings)
+        manifest = check_bundle(settings)
     except (BundleError, RuntimeConfigError, ValueError) as e:
         logger.error(f"cannot serve the bundle: {e}", extra={"bundle": str(settings.bundle)})
         return EXIT_BAD_BUNDLE
-    app = create_app(settings, model)
+    app = create_app(settings, manifest=manifest)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -77,6 +83,14 @@ def serve(settings: ServiceSettings) -> int:
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
         server_header=False,
     )
-    server = _DrainingServer(config, app.state.rmserve)
+    state: ServiceState = app.state.rmserve
+    server = _DrainingServer(config, state)
+
+    def stop_after_failed_load() -> None:
+        server.should_exit = True
+
+    state.on_fatal = stop_after_failed_load
     server.run()
+    if state.failed:
+        return EXIT_BAD_BUNDLE
     return 0 if server.started else EXIT_START_FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -23,7 +24,14 @@ class ServiceState:
     scorer: Scorer | None = None
     ready: bool = False  # bundle loaded and warmed up
     draining: bool = False  # SIGTERM received: finishing work, taking none
+    failed: bool = False  # loading the bundle failed; the process is exiting
+    # time.monotonic() by which draining must end: set on SIGTERM, so that uvicorn's wait for
+    # open requests and the batcher's drain share one drain_timeout_s instead of taking two.
+    drain_deadline: float | None = None
     created: int = field(default=0)
+    # Called when the model cannot be loaded after the port opened; the server sets it to stop
+    # itself with a non-zero exit code.
+    on_fatal: Callable[[], None] | None = None
 
 
 # Dependencies are ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in a

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import (
     FormattingError,
     RenderedText,
@@ -70,9 +70,9 @@ class ItemTooLongError(ValueError):
 
 
 class ResponseTooLongAtError(ValueError):
-    """:class:`ResponseTooLong` for one item of a request, with its index and lengths."""
+    """:class:`ResponseTooLongError` for one item of a request, with its index and lengths."""
 
-    def __init__(self, index: int, error: ResponseTooLong):
+    def __init__(self, index: int, error: ResponseTooLongError):
         self.index = index
         self.response_tokens = error.response_tokens
         self.prompt_tokens = error.prompt_tokens
@@ -209,12 +209,12 @@ class RequestTokenizer:
             rendered.append(text)
         try:
             encoded = self.encoder.encode_batch(rendered, truncate_response=truncate_response)
-        except ResponseTooLong:
+        except ResponseTooLongError:
             # Rare: find which item it was, so the error names it.
             for index, text in enumerate(rendered):
                 try:
                     self.encoder.encode(text, truncate_response=truncate_response)
-                except ResponseTooLong as e:
+                except ResponseTooLongError as e:
                     raise ResponseTooLongAtError(index, e) from e
             raise
         ids = [np.asarray(pair.ids, dtype=np.int64) for pair in encoded]

@@ -161,7 +161,10 @@ def freeze(model: PreTrainedModel, *, embeddings: bool = False, layers: int = 0)
     if layers:
         blocks = _blocks(model)
         if layers > len(blocks):
-            raise ValueError(f"cannot freeze {layers} layers: the model has {len(blocks)}")
+            raise ValueError(
+                f"cannot freeze {layers} layers: the model has {len(blocks)}; pass "
+                f"--freeze-layers {len(blocks) - 1} or less (the default is tuned for MiniLM)"
+            )
         for block in blocks[:layers]:
             block.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

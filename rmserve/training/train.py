@@ -141,7 +141,12 @@ def train_reward_model(
 
     evaluation = None
     if eval_set is not None and eval_read is not None:
-        metrics = trainer.evaluate()
+        # The periodic evaluation often just ran at the last step; do not score dev twice.
+        last = [e for e in trainer.state.log_history if "eval_accuracy" in e]
+        if last and last[-1].get("step") == trainer.state.global_step:
+            metrics = last[-1]
+        else:
+            metrics = trainer.evaluate()
         evaluation = Evaluation(
             accuracy=float(metrics["eval_accuracy"]),
             n=sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in eval_read.examples),

@@ -23,7 +23,7 @@ import torch
 from transformers import EvalPrediction, Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import TextFormat
 from rmserve.manifest import Normalization
 from rmserve.training.config import RewardConfig
@@ -72,7 +72,7 @@ class PreferenceDataset(torch.utils.data.Dataset[dict[str, Any]]):
             else:
                 try:
                     pairs = encoder.encode_batch(group)
-                except ResponseTooLong:
+                except ResponseTooLongError:
                     self.dropped += 1
                     continue
             self.truncated += any(p.truncated for p in pairs)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rmserve.encoding import PairEncoder, ResponseTooLong
+from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import messages_from_pair, render, render_text
 
 
@@ -41,7 +41,7 @@ def test_prompt_is_dropped_from_the_left(encoder_factory) -> None:  # type: igno
 def test_response_too_long(encoder_factory) -> None:  # type: ignore[no-untyped-def]
     encoder = encoder_factory(16)
     rendered = render(messages_from_pair("q", " ".join(["yes"] * 40)))
-    with pytest.raises(ResponseTooLong) as info:
+    with pytest.raises(ResponseTooLongError) as info:
         encoder.encode(rendered)
     assert info.value.budget == 14
     assert info.value.response_tokens > 14

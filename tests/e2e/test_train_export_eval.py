@@ -33,7 +33,7 @@ def test_train_export_eval(
     train = ["train", "--base", str(tiny_decoder_checkpoint), "--out", str(checkpoint)]
     train += ["--data", str(hh_data_dir / "train.jsonl.gz"), "--eval-data", str(dev)]
     train += ["--skip-malformed", "--limit", "64", "--max-steps", "6", "--batch-size", "8"]
-    train += ["--lr", "3e-3", "--eval-steps", "3", "--cpu", "--no-progress"]
+    train += ["--lr", "3e-3", "--eval-steps", "3", "--cpu", "--no-progress", "--freeze-layers", "0"]
     assert main(train) == 0
     trained = _last_json(capsys)
     assert trained["steps"] == 6

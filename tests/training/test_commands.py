@@ -131,10 +131,12 @@ def test_train_errors_name_the_problem(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p"}\n')
     argv = ["train", "--data", str(bad), "--base", str(tiny_encoder_checkpoint)]
-    argv += ["--out", str(tmp_path / "out"), "--cpu", "--no-progress"]
+    argv += ["--out", str(tmp_path / "out"), "--cpu", "--no-progress", "--freeze-layers", "0"]
     assert main(argv) == 2
     assert f"{bad}:2: unrecognised row" in capsys.readouterr().err
     assert main([*argv[:2], str(tmp_path / "missing.jsonl"), *argv[3:]]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert main([*argv, "--max-length", "4096"]) == 2
     assert "exceeds the 512 positions" in capsys.readouterr().err
+    assert main([*argv, "--freeze-layers", "3"]) == 2
+    assert "cannot freeze 3 layers: the model has 2" in capsys.readouterr().err
