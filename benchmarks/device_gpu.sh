@@ -9,13 +9,14 @@
 #   ort   : onnxruntime-gpu (CUDA EP): fp16 parity, rmserve-fp16/fp32, offline with I/O binding
 # Results go to $OUT/<phase>/. The bundle is kept in /tmp/gpubench between calls on a warm
 # machine and rebuilt when missing. ``all`` runs both in one call (short runs, to save device
-# time): results in $OUT/limit.json, $OUT/parity.json, $OUT/ort/ and $OUT/torch/.
+# time): results in $OUT/ort/ (with limit.json and parity.json) and $OUT/torch/; merge them
+# here with python -m benchmarks.merge --out benchmarks/results/gpu OUT/ort OUT/torch.
 set -uo pipefail
 phase=${1:?usage: device_gpu.sh torch|ort|all}
 export PYTHONUNBUFFERED=1 CUDA_MODULE_LOADING=LAZY TOKENIZERS_PARALLELISM=true
 W=/tmp/gpubench
 DATA=.whl/hh-harmless
-mkdir -p "$W"
+mkdir -p "$W" "$OUT/ort" "$OUT/torch"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
@@ -55,7 +56,7 @@ common=(--device cuda --bundle "$W/bundle" --checkpoint "$W/checkpoint" --data "
 if [ "$phase" = torch ] || [ "$phase" = all ]; then
   # at the served workload's mean length (this tokenizer: ~352 tokens per pair)
   python3 -m benchmarks.gpu_model limit --checkpoint "$W/checkpoint" --tokens 352 \
-    --batches 16,64,128,256 --out "$OUT/limit.json" 2>&1 | grep -v "Loading weights" | tail -8
+    --batches 16,64,128,256 --out "$OUT/ort/limit.json" 2>&1 | grep -v "Loading weights" | tail -8
 fi
 if [ "$phase" = ort ] || [ "$phase" = all ]; then
   timeout 240 python3 -m benchmarks.run "${common[@]}" --out "$OUT/ort" \
@@ -69,7 +70,7 @@ if [ "$phase" = torch ] || [ "$phase" = all ]; then
 fi
 if [ "$phase" = ort ] || [ "$phase" = all ]; then
   timeout 60 python3 -m benchmarks.gpu_model parity --bundle "$W/bundle" --data "$DATA" \
-    --out "$OUT/parity.json" 2>&1 | tail -2
+    --out "$OUT/ort/parity.json" 2>&1 | tail -2
 fi
 # At most 8 files come back: the plots are redrawn here by benchmarks.merge, logs were tailed.
 rm -rf "$OUT"/*/logs "$OUT"/*/throughput.png

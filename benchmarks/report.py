@@ -120,8 +120,8 @@ def write_markdown(path: Path, runs: list[Run], machine: dict[str, Any], command
         f"{machine['load_average']}.",
         "",
         "| system | shape | conc. | pairs/s | p50 ms | p95 ms | p99 ms | errors "
-        "| mean batch | padding ratio | server CPU cores | client CPU cores |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean batch | padding ratio | server CPU cores | server CPU ms/pair | client CPU cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         batch = run.get("mean_batch_size", run.get("batch_size"))
@@ -130,7 +130,9 @@ def write_markdown(path: Path, runs: list[Run], machine: dict[str, Any], command
             f"| {_fmt(run['pairs_per_s'])} | {_fmt(run.get('p50_ms'), 0)} "
             f"| {_fmt(run.get('p95_ms'), 0)} | {_fmt(run.get('p99_ms'), 0)} "
             f"| {_fmt(run.get('errors'))} | {_fmt(batch)} | {_fmt(run.get('padding_ratio'), 3)} "
-            f"| {_fmt(run.get('server_cpu_cores'), 2)} | {_fmt(run.get('client_cpu_cores'), 2)} |"
+            f"| {_fmt(run.get('server_cpu_cores'), 2)} "
+            f"| {_fmt(run.get('server_cpu_ms_per_pair'))} "
+            f"| {_fmt(run.get('client_cpu_cores'), 2)} |"
         )
     targets = check_targets(runs)
     if targets:

@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Write model.onnx (+ int8/fp16 variants), tokenizer.json and rmserve.json. The "
             "manifest is written only after parity passes: fp32 max |torch - onnxruntime| <= "
-            "1e-4; int8/fp16 decisions agree with fp32 on >= 99%% of eval pairs and accuracy "
+            "1e-4; int8/fp16 decisions agree with fp32 on >= 99% of eval pairs and accuracy "
             "drops by <= 1 point."
         ),
         formatter_class=formatter,

@@ -140,3 +140,22 @@ def test_train_errors_name_the_problem(
     assert "exceeds the 512 positions" in capsys.readouterr().err
     assert main([*argv, "--freeze-layers", "3"]) == 2
     assert "cannot freeze 3 layers: the model has 2" in capsys.readouterr().err
+
+
+def test_default_data_is_found_from_any_directory(
+    hh_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not the repo: falls back to the repo root's ../shared/data
+    assert (
+        commands.default_data_path("train.jsonl.gz") == (hh_data_dir / "train.jsonl.gz").resolve()
+    )
+    with pytest.raises(SystemExit, match="pass --data FILE"):
+        commands.default_data_path("missing.jsonl.gz")
+
+
+def test_default_recipe_flags() -> None:
+    args = _training_parsers()["train"].parse_args([])
+    assert (args.base, args.max_length, args.epochs, args.lr) == ("minilm", 128, 1.0, 2e-4)
+    assert (args.batch_size, args.freeze_layers, args.center_rewards) == (32, 3, 0.01)
+    assert args.freeze_embeddings
+    assert args.data is None  # resolved to ../shared/data/hh-harmless at run time
