@@ -144,6 +144,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="torch.onnx exporter: TorchScript (fast, default) or torch.export (dynamo)",
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    export.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="int8/fp16 checks: least fraction of eval pairs whose decision (which response "
+        "wins) must equal fp32's; lower it only knowingly: the measured value is recorded in "
+        "rmserve.json either way",
+    )
+    export.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.01,
+        help="int8/fp16 checks: most eval accuracy (a fraction: 0.01 = 1 point) a variant may "
+        "lose against fp32",
+    )
     export.set_defaults(func=run_export)
 
 
@@ -347,6 +362,8 @@ def run_export(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             exporter=args.exporter,
             opset=args.opset,
+            min_agreement=args.min_agreement,
+            max_accuracy_drop=args.max_accuracy_drop,
         )
     except (ExportError, DataError, ValueError, OSError) as e:
         print(f"rmserve export: error: {e}", file=sys.stderr)
