@@ -32,13 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rmserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
+        # An extra that is not installed (say pydantic-settings without `serve`) leaves its
+        # commands out instead of breaking the others; a module of rmserve missing is a bug.
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a module of this package missing is a real bug
+            importlib.import_module(module_name).register(subparsers)
+        except ModuleNotFoundError as e:
             if e.name and e.name.startswith("rmserve"):
                 raise
             continue
-        module.register(subparsers)
     return parser
 
 
