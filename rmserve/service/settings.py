@@ -135,8 +135,10 @@ class ServiceSettings(BaseSettings):
         default=True,
         description="Run a few batches at start-up before /readyz turns 200.",
     )
+    # One thread by default: encode_batch already spreads a batch over the cores in Rust, and
+    # on a small machine a second Python thread only competes with the model (benchmarks).
     tokenizer_threads: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=64,
         description="Threads that render and tokenize requests off the event loop.",
