@@ -18,14 +18,18 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report
 from benchmarks.loadgen import LoadResult, percentile, run_load
+from benchmarks.offline import Offline, make_session, run_offline
 from benchmarks.prometheus import batch_stats
 from benchmarks.servers import ServerProcess, free_port, start_server
 from benchmarks.workload import SHAPES, Workload, build_workload, default_data_dir
+from rmserve.formatting import RenderedText
+from rmserve.service.runtime import choose_instances
 
 __all__ = ["SYSTEMS", "main"]
 
@@ -118,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=os.cpu_count() or 1,
-        help="intra-op threads for every system (rmserve, torch, offline)",
+        help="cores every system may use: rmserve's instances x intra-op threads (as its auto "
+        "setting splits them), torch's threads, the offline sessions' threads",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="side-by-side rounds of onnxruntime-offline and rmserve-fp32 at the highest single "
+        "concurrency, alternating in the rmserve-fp32 server's lifetime; the c=64 target uses "
+        "the median of their ratios (default 3; 0 with --quick)",
     )
     p.add_argument(
         "--rmserve-env",
@@ -234,12 +247,15 @@ def _server_argv(
 ) -> tuple[list[str], dict[str, str]]:
     if system.startswith("rmserve-"):
         precision = system.removeprefix("rmserve-")
-        env = {
-            "RMSERVE_PRECISION": precision,
-            "RMSERVE_INTRA_OP_THREADS": str(args.threads),
-        }
-        if args.device != "cpu":
+        env = {"RMSERVE_PRECISION": precision}
+        if args.device == "cpu":
+            # The server's own auto layout for a machine of ``--threads`` cores.
+            instances, threads = choose_instances(0, 0, "cpu", args.threads)
+            env["RMSERVE_MODEL_INSTANCES"] = str(instances)
+            env["RMSERVE_INTRA_OP_THREADS"] = str(threads)
+        else:
             env["RMSERVE_PROVIDER"] = "cuda"
+            env["RMSERVE_INTRA_OP_THREADS"] = str(args.threads)
         for pair in args.rmserve_env:
             key, _, value = pair.partition("=")
             env[key] = value
@@ -263,6 +279,20 @@ def _server_argv(
     return argv, {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# Pairs in each side-by-side offline pass: about 20 s on 2 cores, as long as the server's run.
+PAIRED_OFFLINE_PAIRS = 1500
+
+
+@dataclass
+class Paired:
+    """What the side-by-side rounds need: the offline setup and the pairs it times."""
+
+    offline: Offline
+    rendered: list[RenderedText]
+    rounds: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _run_servers(
     args: argparse.Namespace,
     bundle: Path,
@@ -270,6 +300,7 @@ def _run_servers(
     workload: Workload,
     duration: float,
     warmup: float,
+    paired: Paired | None = None,
 ) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     bodies = {
@@ -301,13 +332,50 @@ def _run_servers(
                     f"p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms, errors {run['errors']}"
                 )
                 runs.append(run)
+            if system == "rmserve-fp32" and paired is not None and "single" in args.shapes:
+                _paired_rounds(server, paired, bodies["single"], max(args.concurrency), args)
     return runs
+
+
+def _paired_rounds(
+    server: ServerProcess,
+    paired: Paired,
+    bodies: list[tuple[bytes, int]],
+    concurrency: int,
+    args: argparse.Namespace,
+) -> None:
+    """Alternate an offline pass and a run of the server, ``paired.rounds`` times: a ratio of
+    two numbers measured a minute apart moves less with the machine's other load than one
+    of numbers measured ten minutes apart."""
+    for round_ in range(1, paired.rounds + 1):
+        # The last run's abandoned requests would otherwise share the cores with this pass.
+        server.wait_idle()
+        elapsed, _, _ = paired.offline.timed_pass(paired.rendered)
+        offline = len(paired.rendered) / elapsed
+        run = _measure(
+            server, "rmserve-fp32", "single", concurrency, bodies, args.duration_s,
+            args.warmup_s, "/v1/score", args.client,
+        )  # fmt: skip
+        ratio = run["pairs_per_s"] / offline
+        paired.results.append(
+            {
+                "round": round_,
+                "concurrency": concurrency,
+                "offline_pairs_per_s": round(offline, 2),
+                "rmserve_pairs_per_s": run["pairs_per_s"],
+                "ratio": round(ratio, 3),
+                "errors": run["errors"],
+            }
+        )
+        _log(
+            f"side by side {round_}/{paired.rounds}: onnxruntime-offline {offline:.1f} pairs/s, "
+            f"rmserve-fp32 c={concurrency} {run['pairs_per_s']} pairs/s, ratio {ratio:.3f}"
+        )
 
 
 def _run_offline(
     args: argparse.Namespace, bundle: Path, workload: Workload, quick: bool, system: str
-) -> dict[str, Any]:
-    from benchmarks.offline import make_session, run_offline
+) -> tuple[dict[str, Any], Offline, list[RenderedText]]:
     from rmserve.encoding import PairEncoder
     from rmserve.formatting import Message, TextFormat, render
 
@@ -322,24 +390,27 @@ def _run_offline(
     providers = ["CPUExecutionProvider"]
     if args.device != "cpu":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        probe = make_session(bundle / manifest["variants"]["fp32"]["file"], 1, providers)
+        if "CUDAExecutionProvider" not in probe.get_providers():
+            raise SystemExit(
+                f"{system}: onnxruntime could not start the CUDA provider (active: "
+                f"{probe.get_providers()}); install onnxruntime-gpu with its CUDA libraries"
+            )
     precision = "fp16" if system.endswith("fp16") else "fp32"
-    session = make_session(
-        bundle / manifest["variants"][precision]["file"], args.threads, providers
-    )
-    if args.device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
-        raise SystemExit(
-            f"{system}: onnxruntime could not start the CUDA provider (active: "
-            f"{session.get_providers()}); install onnxruntime-gpu with its CUDA libraries"
-        )
-    sizes: tuple[int, ...] = (1, 8, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
+    sizes: tuple[int, ...] = (1, 4, 8, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
     if args.device != "cpu":
         sizes = (1, 8, 32, 64, 128, 256) if quick else (1, 8, 16, 32, 64, 128, 256, 512)
-    result = run_offline(
-        session, encoder, rendered, int(manifest["pad_token_id"]),
+    result, offline = run_offline(
+        bundle / manifest["variants"][precision]["file"], encoder, rendered,
+        int(manifest["pad_token_id"]), threads=args.threads, providers=providers,
         sweep_sample=(32 if quick else 128) if args.device == "cpu" else 1024, sizes=sizes,
     )  # fmt: skip
-    _log(f"{system}: {result.pairs_per_s:.1f} pairs/s at batch {result.batch_size}")
-    return {
+    sessions, each = result.layout
+    _log(
+        f"{system}: {result.pairs_per_s:.1f} pairs/s at batch {result.batch_size}, "
+        f"{sessions} session(s) x {each} thread(s)"
+    )
+    run = {
         "system": system,
         "shape": "offline",
         "concurrency": None,
@@ -351,10 +422,13 @@ def _run_offline(
         "pairs": result.pairs,
         "duration_s": round(result.elapsed_s, 2),
         "batch_size": result.batch_size,
+        "sessions": sessions,
+        "threads_per_session": each,
         "model_only_pairs_per_s": round(result.pairs / result.model_s, 2),
         "padding_ratio": round(result.padding_ratio, 3),
-        "batch_size_sweep": {str(k): round(v, 2) for k, v in result.sweep.items()},
+        "sweep": {k: round(v, 2) for k, v in result.sweep.items()},
     }
+    return run, offline, rendered
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -391,10 +465,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     checkpoint = _resolve_checkpoint(args, bundle) if "naive-torch" in args.systems else None
 
-    runs = _run_servers(args, bundle, checkpoint, workload, duration, warmup)
+    # The offline ceiling first, on a quiet machine; its setup is kept for the side-by-side
+    # rounds in the rmserve-fp32 server's lifetime.
+    offline_runs: list[dict[str, Any]] = []
+    paired: Paired | None = None
+    rounds = args.rounds if args.rounds is not None else (0 if quick else 3)
     for system in args.systems:
         if system.startswith("onnxruntime-offline"):
-            runs.append(_run_offline(args, bundle, workload, quick, system))
+            run, offline, rendered = _run_offline(args, bundle, workload, quick, system)
+            offline_runs.append(run)
+            if system == "onnxruntime-offline" and rounds > 0:
+                paired = Paired(offline, rendered[:PAIRED_OFFLINE_PAIRS], rounds)
+    args.duration_s, args.warmup_s = duration, warmup
+    runs = _run_servers(args, bundle, checkpoint, workload, duration, warmup, paired)
+    runs += offline_runs
+    side_by_side = paired.results if paired is not None else []
 
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     command = "python -m benchmarks.run " + " ".join(
@@ -412,14 +497,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": duration,
             "warmup_s": warmup,
             "threads": args.threads,
+            "rounds": rounds,
             "client": args.client,
             "device": args.device,
             "rmserve_env": args.rmserve_env,
             "wall_s": round(time.monotonic() - started, 1),
         }
     }
-    report.write_json(args.out / "results.json", runs, machine, extra)
-    report.write_markdown(args.out / "results.md", runs, machine, command)
+    report.write_json(args.out / "results.json", runs, machine, extra, side_by_side)
+    report.write_markdown(args.out / "results.md", runs, machine, command, side_by_side)
     report.write_plot(args.out / "throughput.png", runs)
     _log(f"wrote results.json, results.md, throughput.png to {args.out}")
     return 0

@@ -49,6 +49,19 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             return 0.0
 
+    def wait_idle(self, timeout_s: float = 60.0, interval_s: float = 0.25) -> bool:
+        """Wait until the server uses (almost) no CPU: the requests a load run abandoned at the
+        end of its window are done. False if it is still busy after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        before = self.cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(interval_s)
+            now = self.cpu_seconds()
+            if now - before < 0.05 * interval_s:
+                return True
+            before = now
+        return False
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

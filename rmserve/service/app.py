@@ -14,6 +14,7 @@ metrics routes too unless ``open_health`` / ``open_metrics``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from rmserve.service.middleware import (
     ObservabilityMiddleware,
 )
 from rmserve.service.routes import compat, meta, v1
+from rmserve.service.runtime import choose_batch_size
 from rmserve.service.scoring import LoadedModel, Scorer, load_model
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.state import ServiceState
@@ -77,10 +79,14 @@ def create_app(
         metrics.model_info.labels(
             model=info.model, precision=info.precision, provider=info.provider
         ).set(1)
+        runtime = loaded.runtime
+        max_batch_size = choose_batch_size(
+            settings.max_batch_size, runtime.provider, settings.max_queue_items
+        )
         batcher = Batcher(
-            loaded.runtime.run,
+            [functools.partial(runtime.run, instance=k) for k in range(runtime.instances)],
             pad_token_id=loaded.manifest.pad_token_id,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_items=settings.max_queue_items,
@@ -91,7 +97,7 @@ def create_app(
         batcher.start()
         batchers.append(batcher)
         if settings.warmup:
-            seconds = await asyncio.to_thread(loaded.runtime.warm_up, settings.max_batch_size)
+            seconds = await asyncio.to_thread(runtime.warm_up, max_batch_size)
             logger.info("warm-up done", extra={"seconds": round(seconds, 3)})
         state.scorer = Scorer(loaded, batcher, settings)
         if state.draining:  # SIGTERM came while loading: never turn ready
@@ -103,7 +109,9 @@ def create_app(
                 "model": info.model,
                 "precision": info.precision,
                 "provider": info.provider,
-                "max_batch_size": settings.max_batch_size,
+                "instances": info.instances,
+                "intra_op_threads": info.intra_op_threads,
+                "max_batch_size": max_batch_size,
                 "max_batch_tokens": settings.max_batch_tokens,
                 "max_wait_ms": settings.max_wait_ms,
                 "max_padding_ratio": settings.max_padding_ratio,

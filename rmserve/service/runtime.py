@@ -7,13 +7,19 @@ Choice of execution provider and precision (logged and exposed in ``rmserve_mode
   ``int8`` (dynamic quantization) runs on CPU only, ``fp16`` on CUDA only, because the other
   provider would fall back to slow or unsupported kernels.
 
-``run`` is called from one worker thread at a time (the batcher's); ORT sessions are
-thread-safe anyway, and ORT releases the GIL while it computes.
+The runtime holds one or more *instances*: ORT sessions of the same model, each with its own
+intra-op thread pool, so that several batches run at once (the batcher gives each instance
+one worker thread). On a CPU, instances of fewer threads waste less time than one instance of
+many: each operator of a small-batch forward pass is short, so its threads spend much of it
+waiting for one another, and a thread the event loop or the tokenizer interrupts stalls them
+all. Measured on 2 cores (docs/performance.md): two 1-thread sessions scored 10-20% more pairs
+per second than one 2-thread session at every batch size. ORT releases the GIL while it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +30,16 @@ import numpy.typing as npt
 
 from rmserve.manifest import BundleError, Manifest
 
-__all__ = ["ModelRuntime", "RuntimeConfigError", "choose_precision", "choose_provider"]
+__all__ = [
+    "AUTO_BATCH_SIZE",
+    "ModelRuntime",
+    "RuntimeConfigError",
+    "choose_batch_size",
+    "choose_instances",
+    "choose_precision",
+    "choose_provider",
+    "usable_cores",
+]
 
 logger = logging.getLogger("rmserve.service.runtime")
 
@@ -74,16 +89,54 @@ def choose_precision(requested: str, provider: str, manifest: Manifest) -> str:
     return requested
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers' cpusets narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_instances(instances: int, threads: int, provider: str, cores: int) -> tuple[int, int]:
+    """(instances, intra-op threads per instance) for the requested values, 0 meaning auto.
+
+    On CPU, auto is two instances when there are two cores or more, and the cores shared
+    out between them: ``cores // instances`` threads each. On CUDA, auto is one instance
+    (the GPU runs one batch at a time anyway) with ORT's default threads (0)."""
+    if instances < 0 or threads < 0:
+        raise RuntimeConfigError("model instances and intra-op threads must be >= 0 (0 = auto)")
+    if provider == "cuda":
+        return instances or 1, threads
+    chosen = instances or (2 if cores >= 2 else 1)
+    return chosen, threads or max(1, cores // chosen)
+
+
+# Measured with the default MiniLM bundle on 2 CPU cores (docs/performance.md): per pair, a
+# batch of 16 cost 15-20% more than one of 4 or 8 (the activations outgrow the caches), while
+# a GPU needs large batches to be busy.
+AUTO_BATCH_SIZE = {"cpu": 8, "cuda": 64}
+
+
+def choose_batch_size(requested: int, provider: str, max_queue_items: int) -> int:
+    """The most items per batch: ``requested``, or for 0 (auto) the provider's default,
+    never above what the queue can hold."""
+    if requested:
+        return requested
+    return min(AUTO_BATCH_SIZE[provider], max_queue_items)
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     model: str
     precision: str
     provider: str
     file: str
+    instances: int
+    intra_op_threads: int  # per instance; 0 = ORT's default (CUDA)
 
 
 class ModelRuntime:
-    """One ORT session over one variant of a bundle."""
+    """ORT sessions (``instances`` of them) over one variant of a bundle."""
 
     def __init__(
         self,
@@ -93,19 +146,25 @@ class ModelRuntime:
         precision: str = "auto",
         provider: str = "auto",
         intra_op_threads: int = 0,
+        instances: int = 0,
     ):
+        """``instances`` and ``intra_op_threads`` (per instance): 0 = auto, as
+        :func:`choose_instances` decides for the provider and this process's cores."""
         import onnxruntime as ort
 
         self.manifest = manifest
         self.provider = choose_provider(provider, list(ort.get_available_providers()))
         self.precision = choose_precision(precision, self.provider, manifest)
+        instances, intra_op_threads = choose_instances(
+            instances, intra_op_threads, self.provider, usable_cores()
+        )
         variant = manifest.variants[self.precision]
         self.path = Path(bundle_dir) / variant.file
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # One batch runs at a time, so all cores go to intra-op parallelism.
+        # Each instance runs one batch at a time, with its own threads.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         # ORT's idle threads spin by default; here the event loop and the tokenizer threads
@@ -115,11 +174,13 @@ class ModelRuntime:
         if self.provider == "cuda":
             providers = [(ORT_PROVIDERS["cuda"], {"device_id": 0}), ORT_PROVIDERS["cpu"]]
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=providers
-            )
+            self.sessions = [
+                ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+                for _ in range(instances)
+            ]
         except Exception as e:  # ORT raises its own untyped errors for broken models
             raise BundleError(f"{self.path} cannot be loaded by onnxruntime: {e}") from e
+        self.session = self.sessions[0]
         active = self.session.get_providers()
         if self.provider == "cuda" and ORT_PROVIDERS["cuda"] not in active:
             raise RuntimeConfigError(
@@ -138,6 +199,8 @@ class ModelRuntime:
             precision=self.precision,
             provider=self.provider,
             file=variant.file,
+            instances=instances,
+            intra_op_threads=intra_op_threads,
         )
         logger.info(
             "model loaded",
@@ -147,14 +210,24 @@ class ModelRuntime:
                 "provider": self.provider,
                 "file": str(self.path),
                 "ort_providers": active,
+                "instances": instances,
+                "intra_op_threads": intra_op_threads,
             },
         )
 
+    @property
+    def instances(self) -> int:
+        return len(self.sessions)
+
     def run(
-        self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        instance: int = 0,
     ) -> npt.NDArray[np.float32]:
-        """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B,) float32."""
-        (out,) = self.session.run(
+        """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B,) float32,
+        computed by session ``instance``."""
+        (out,) = self.sessions[instance].run(
             [self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         rewards: npt.NDArray[np.float32] = np.asarray(out, dtype=np.float32).reshape(-1)  # (B,)
@@ -165,12 +238,14 @@ class ModelRuntime:
         return rewards
 
     def warm_up(self, max_batch_size: int) -> float:
-        """Run a few shapes so the first real requests do not pay for allocations; seconds."""
+        """Run a few shapes on every instance so the first real requests do not pay for
+        allocations; seconds."""
         started = time.perf_counter()
         length = min(self.manifest.max_length, 128)
-        for batch, seq in ((1, 8), (min(max_batch_size, 8), length), (1, length)):
-            ids = np.full((batch, seq), self.manifest.pad_token_id, dtype=np.int64)
-            ids[:, 0] = 1
-            mask = np.ones((batch, seq), dtype=np.int64)
-            self.run(ids, mask)
+        for instance in range(self.instances):
+            for batch, seq in ((1, 8), (min(max_batch_size, 8), length), (1, length)):
+                ids = np.full((batch, seq), self.manifest.pad_token_id, dtype=np.int64)
+                ids[:, 0] = 1
+                mask = np.ones((batch, seq), dtype=np.int64)
+                self.run(ids, mask, instance)
         return time.perf_counter() - started

@@ -74,6 +74,7 @@ def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> L
         precision=settings.precision,
         provider=settings.provider,
         intra_op_threads=settings.intra_op_threads,
+        instances=settings.model_instances,
     )
     tokenizer = RequestTokenizer(
         settings.bundle,

@@ -63,13 +63,26 @@ class ServiceSettings(BaseSettings):
         default="auto",
         description="ONNX Runtime execution provider: auto = CUDA when available, else CPU.",
     )
+    model_instances: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="ONNX Runtime sessions of the model, each running its own batch; 0 = auto: "
+        "2 on a CPU of 2 cores or more (more pairs/s than one session of all the cores), "
+        "1 on CUDA. Each instance holds its own copy of the weights.",
+    )
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="ONNX Runtime intra-op threads; 0 = ORT's default (one per physical core).",
+        description="ONNX Runtime intra-op threads of each instance; 0 = auto: on CPU the "
+        "cores this process may use shared out between the instances, on CUDA ORT's default.",
     )
     max_batch_size: int = Field(
-        default=64, ge=1, le=4096, description="Most items in one model batch."
+        default=0,
+        ge=0,
+        le=4096,
+        description="Most items in one model batch; 0 = auto: 8 on CPU (larger batches cost "
+        "more per pair there), 64 on CUDA.",
     )
     max_batch_tokens: int = Field(
         default=16384,
@@ -173,7 +186,7 @@ class ServiceSettings(BaseSettings):
                 )
             if any(c.isspace() for c in key):
                 raise ValueError("RMSERVE_API_KEYS holds a key with whitespace; keys are tokens")
-        if self.max_queue_items < self.max_batch_size:
+        if self.max_batch_size and self.max_queue_items < self.max_batch_size:
             raise ValueError(
                 f"max_queue_items ({self.max_queue_items}) is below max_batch_size "
                 f"({self.max_batch_size}); a full batch could never queue. Raise max_queue_items"

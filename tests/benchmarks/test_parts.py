@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import percentile
+from benchmarks.offline import layouts
 from benchmarks.prometheus import batch_stats, parse_metrics
 from benchmarks.report import check_targets
 from benchmarks.workload import GROUP_SIZE, build_workload
@@ -84,3 +85,27 @@ def test_targets_compare_the_right_runs() -> None:
     assert targets["rmserve-fp32 single c=16 p99/p50 <= 3"]["met"] is False
     assert targets["rmserve-fp32 single c=16 padding ratio <= 1.15"]["met"] is True
     assert not any("int8" in name for name in targets)  # no int8 run, no int8 target
+
+
+def test_targets_use_the_median_of_side_by_side_rounds() -> None:
+    runs: list[dict[str, Any]] = [
+        {"system": "onnxruntime-offline", "shape": "offline", "concurrency": None,
+         "pairs_per_s": 100.0},
+        {"system": "rmserve-fp32", "shape": "single", "concurrency": 64, "pairs_per_s": 50.0},
+    ]  # fmt: skip
+    rounds = [{"concurrency": 64, "ratio": r} for r in (0.85, 0.95, 0.92)]
+    targets = {t["target"]: t for t in check_targets(runs, rounds)}
+    median = targets["rmserve-fp32 single c=64 / onnxruntime-offline, median of 3 rounds >= 0.9"]
+    assert median["value"] == 0.92
+    assert median["met"] is True
+    # Without rounds, the one-shot ratio of the two runs.
+    (alone,) = check_targets(runs)
+    assert alone["value"] == 0.5
+
+
+def test_offline_layouts_split_the_cores_on_cpu_only() -> None:
+    assert layouts(2, "cpu") == [(1, 2), (2, 1)]
+    assert layouts(8, "cpu") == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert layouts(6, "cpu") == [(1, 6), (2, 3)]
+    assert layouts(1, "cpu") == [(1, 1)]
+    assert layouts(16, "cuda") == [(1, 16)]

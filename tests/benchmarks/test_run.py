@@ -24,7 +24,7 @@ def test_harness_writes_results_for_every_system(
             "--bundle", str(tiny_encoder_bundle), "--checkpoint", str(tiny_encoder_checkpoint),
             "--data", str(hh_data_dir), "--out", str(out), "--concurrency", "1,4",
             "--grpo-concurrency", "2", "--duration", "1.5", "--warmup", "0.5", "--limit", "48",
-            "--threads", "1",
+            "--threads", "1", "--rounds", "1",
         ]
     )  # fmt: skip
     assert code == 0
@@ -49,11 +49,18 @@ def test_harness_writes_results_for_every_system(
             # read from the server's /metrics: every batch held at least one item
             assert run["mean_batch_size"] >= 1
             assert run["padding_ratio"] >= 1
+    # One side-by-side round: an offline pass, then rmserve-fp32 at the highest concurrency.
+    (round_,) = results["side_by_side"]
+    assert round_["concurrency"] == 4
+    assert round_["errors"] == 0
+    assert round_["offline_pairs_per_s"] > 0
+    assert round_["rmserve_pairs_per_s"] > 0
     for key in ("cpu_model", "cores", "memory_gib", "onnxruntime", "torch", "date"):
         assert key in results["machine"]
     table = (out / "results.md").read_text()
     assert table.count("| rmserve-int8 |") == 3
     assert "onnxruntime-offline" in table
+    assert "## Side by side" in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

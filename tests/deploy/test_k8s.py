@@ -406,8 +406,9 @@ def test_hardware_of_each_overlay(
         assert env["RMSERVE_PROVIDER"] == "cpu"
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[kind]), kind
-        # ONNX Runtime's pool must fit the CPU quota, or every batch is throttled.
-        assert int(env["RMSERVE_INTRA_OP_THREADS"]) <= int(resources["limits"]["cpu"])
+        # ONNX Runtime's pools must fit the CPU quota, or every batch is throttled.
+        threads = int(env["RMSERVE_MODEL_INSTANCES"]) * int(env["RMSERVE_INTRA_OP_THREADS"])
+        assert 0 < threads <= int(resources["limits"]["cpu"])
         assert metric == {
             "type": "Resource",
             "resource": {

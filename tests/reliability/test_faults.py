@@ -152,12 +152,16 @@ def test_an_inference_error_fails_only_its_batch(
     armed = threading.Event()
     failed_batches: list[int] = []
 
-    def flaky_run(input_ids: Any, attention_mask: Any) -> Any:
-        if armed.is_set():
+    arming = threading.Lock()  # two instances may run batches at once: one fails, not both
+
+    def flaky_run(input_ids: Any, attention_mask: Any, instance: int = 0) -> Any:
+        with arming:
+            fail = armed.is_set()
             armed.clear()
+        if fail:
             failed_batches.append(int(input_ids.shape[0]))
             raise RuntimeError("injected fault /secret/path/model.py line 42")
-        return real_run(input_ids, attention_mask)
+        return real_run(input_ids, attention_mask, instance)
 
     model.runtime.run = flaky_run  # type: ignore[method-assign]
     bodies = [

@@ -269,3 +269,82 @@ def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them() -> Non
         await batcher.close()
 
     asyncio.run(main())
+
+
+# --- several model instances ------------------------------------------------------------------
+
+
+def test_instances_run_batches_at_the_same_time() -> None:
+    # Each instance's model waits until the other has started a batch: run one after the
+    # other, the first would wait for ever (5 s) and the test would fail.
+    started = [threading.Event(), threading.Event()]
+
+    def instance(k: int) -> Any:
+        def infer(ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> Any:
+            started[k].set()
+            assert started[1 - k].wait(5), "the other instance never ran at the same time"
+            return np.full(ids.shape[0], float(k), dtype=np.float32)
+
+        return infer
+
+    async def main() -> set[float]:
+        batcher = Batcher(
+            [instance(0), instance(1)], pad_token_id=PAD, max_batch_size=2,
+            max_batch_tokens=1000, max_wait_s=0.0, max_queue_items=64,
+        )  # fmt: skip
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit([seq(1), seq(2)]), batcher.submit([seq(3), seq(4)])
+        )
+        await batcher.close()
+        return {float(s) for r in results for s in r.scores}
+
+    assert asyncio.run(main()) == {0.0, 1.0}  # both instances scored a batch
+
+
+def test_a_busy_instance_takes_its_next_batch_before_the_running_one_ends() -> None:
+    model = FakeModel()
+    model.release.clear()  # the first batch blocks until released
+    queued: list[int] = []
+
+    async def main() -> None:
+        batcher = Batcher(
+            model, pad_token_id=PAD, max_batch_size=2, max_batch_tokens=1000, max_wait_s=0.0,
+            max_queue_items=64, on_queue_change=queued.append,
+        )  # fmt: skip
+        batcher.start()
+        first = asyncio.create_task(batcher.submit([seq(1), seq(2)]))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher.submit([seq(3), seq(4)]))
+        third = asyncio.create_task(batcher.submit([seq(5), seq(6)]))
+        await asyncio.sleep(0.05)
+        # The second batch left the queue for the instance while the first still runs;
+        # the third waits: one batch queued per instance at most.
+        assert batcher.queued_items == 2
+        assert not first.done()
+        model.release.set()
+        results = await asyncio.gather(first, second, third)
+        for result, ids in zip(results, ([1, 2], [3, 4], [5, 6]), strict=True):
+            assert result.scores.tolist() == pytest.approx([expected([i]) for i in ids])
+        await batcher.close()
+
+    asyncio.run(main())
+    assert len(model.batches) == 3
+
+
+def test_close_fails_requests_whose_batches_are_still_running() -> None:
+    model = FakeModel()
+    model.release.clear()
+
+    async def main() -> None:
+        batcher, _ = make(model, max_wait_s=0.0)
+        batcher.start()
+        stuck = asyncio.create_task(batcher.submit([seq(1)]))
+        await asyncio.sleep(0.05)
+        assert batcher.in_flight_items == 1
+        await batcher.close()
+        with pytest.raises(BatcherClosedError):
+            await asyncio.wait_for(stuck, timeout=5)
+
+    asyncio.run(main())
+    model.release.set()

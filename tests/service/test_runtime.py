@@ -11,6 +11,8 @@ from rmserve.manifest import load_bundle
 from rmserve.service.runtime import (
     ModelRuntime,
     RuntimeConfigError,
+    choose_batch_size,
+    choose_instances,
     choose_precision,
     choose_provider,
 )
@@ -37,6 +39,47 @@ def test_precision_choice(tiny_encoder_bundle: Path) -> None:
         choose_precision("int8", "cuda", manifest)
     with pytest.raises(RuntimeConfigError, match="has only"):
         choose_precision("fp16", "cuda", manifest)
+
+
+def test_instance_layout_choice() -> None:
+    # auto on CPU: two instances sharing the cores; one where there is one core
+    assert choose_instances(0, 0, "cpu", 2) == (2, 1)
+    assert choose_instances(0, 0, "cpu", 16) == (2, 8)
+    assert choose_instances(0, 0, "cpu", 1) == (1, 1)
+    assert choose_instances(1, 0, "cpu", 8) == (1, 8)
+    assert choose_instances(4, 0, "cpu", 6) == (4, 1)
+    assert choose_instances(0, 3, "cpu", 8) == (2, 3)  # threads as asked
+    # auto on CUDA: one instance, ORT's default threads
+    assert choose_instances(0, 0, "cuda", 16) == (1, 0)
+    with pytest.raises(RuntimeConfigError, match=">= 0"):
+        choose_instances(-1, 0, "cpu", 2)
+
+
+def test_batch_size_choice() -> None:
+    assert choose_batch_size(0, "cpu", 4096) == 8
+    assert choose_batch_size(0, "cuda", 4096) == 64
+    assert choose_batch_size(0, "cuda", 16) == 16  # never more than the queue holds
+    assert choose_batch_size(32, "cpu", 4096) == 32
+
+
+def test_every_instance_gives_the_same_rewards(tiny_encoder_bundle: Path) -> None:
+    import numpy as np
+
+    manifest = load_bundle(tiny_encoder_bundle)
+    runtime = ModelRuntime(
+        tiny_encoder_bundle, manifest, precision="fp32", provider="cpu", instances=3
+    )
+    assert runtime.instances == 3
+    assert runtime.info.instances == 3
+    assert runtime.info.intra_op_threads >= 1
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 90, size=(4, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    first = runtime.run(ids, mask, 0)
+    for instance in (1, 2):
+        np.testing.assert_array_equal(runtime.run(ids, mask, instance), first)
+    assert runtime.warm_up(4) > 0
 
 
 def test_runtime_rewards_have_one_value_per_row(tiny_decoder_bundle: Path) -> None:

@@ -42,6 +42,8 @@ def test_defaults_are_safe() -> None:
     assert s.api_key_list() == []
     assert s.cors_origin_list() == []
     assert s.max_queue_items >= s.max_batch_size
+    assert s.max_batch_size == 0  # auto: chosen for the provider when the model is loaded
+    assert s.model_instances == 0
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -72,7 +74,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         ({"cors_origins": "*", "api_keys": "k" * 20}, "cors_origins"),
         ({"precision": "bf16"}, "precision"),
         ({"port": 70000}, "port"),
-        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"model_instances": -1}, "model_instances"),
         ({"unknown_setting": 1}, "unknown_setting"),
     ],
 )
