@@ -12,8 +12,9 @@ intra-op thread pool, so that several batches run at once (the batcher gives eac
 one worker thread). On a CPU, instances of fewer threads waste less time than one instance of
 many: each operator of a small-batch forward pass is short, so its threads spend much of it
 waiting for one another, and a thread the event loop or the tokenizer interrupts stalls them
-all. Measured on 2 cores (docs/performance.md): two 1-thread sessions scored 10-20% more pairs
-per second than one 2-thread session at every batch size. ORT releases the GIL while it runs.
+all. Measured on 2 cores (docs/performance.md): at batches of up to 8, two 1-thread sessions
+scored 4-32% more pairs per second than one 2-thread session. ORT releases the GIL while it
+runs.
 """
 
 from __future__ import annotations
