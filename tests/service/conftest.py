@@ -101,6 +101,9 @@ def settings_for(bundle: Path, **overrides: Any) -> ServiceSettings:
         "provider": "cpu",
         "precision": "fp32",
         "intra_op_threads": 0,
+        # Two instances on any machine: batch invariance and every route are tested with
+        # batches running at once (the CPU default where there are 2 cores or more).
+        "model_instances": 2,
         "api_keys": "",
     }
     base.update(overrides)
