@@ -51,15 +51,22 @@ class OfflineResult:
 
 
 def make_session(model_path: Path, threads: int, providers: Sequence[str] | None = None) -> Any:
+    """An ORT session; exits with a message when CUDA was asked for and ORT cannot start it
+    (ORT itself would fall back to the CPU without a word, and time the wrong thing)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(
-        str(model_path), options, providers=list(providers or ["CPUExecutionProvider"])
-    )
+    wanted = list(providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), options, providers=wanted)
+    if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
+        raise SystemExit(
+            f"{model_path}: onnxruntime could not start the CUDA provider (active: "
+            f"{session.get_providers()}); install onnxruntime-gpu with its CUDA libraries"
+        )
+    return session
 
 
 def _batches(lengths: list[list[int]], size: int, pad: int) -> list[tuple[Any, Any]]:

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MAX_ITEMS_PER_REQUEST",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "READY_TIMEOUT",
     "ClientConfig",
 ]
 
@@ -34,6 +35,8 @@ DEFAULT_MAX_RETRIES = 2
 # that several chunks are in flight together so the server's batcher can pack them.
 DEFAULT_MAX_ITEMS_PER_REQUEST = 64
 DEFAULT_MAX_CONCURRENCY = 8
+# /readyz answers at once; a probe should not hang for the long scoring read timeout.
+READY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 class ClientConfig:

@@ -25,6 +25,7 @@ from rmserve.client._base import (
     DEFAULT_MAX_ITEMS_PER_REQUEST,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    READY_TIMEOUT,
     ClientConfig,
     logger,
 )
@@ -64,9 +65,6 @@ from rmserve.client._types import (
 )
 
 __all__ = ["RewardClient"]
-
-# /readyz answers at once; a probe should not hang for the long scoring read timeout.
-READY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 class RewardClient:

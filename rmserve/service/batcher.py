@@ -151,9 +151,8 @@ class Batcher:
         self._on_batch = on_batch
         self._on_queue_change = on_queue_change
         self._pending: list[_Item] = []  # arrival order; the oldest first
-        self._running = 0  # items in the batches being computed
         self._load = [0] * len(self._infers)  # batches given to each instance, not yet done
-        self._batches: dict[asyncio.Task[None], list[_Item]] = {}  # the batches running
+        self._batches: dict[asyncio.Task[None], list[_Item]] = {}  # given to instances, not done
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -176,16 +175,12 @@ class Batcher:
             )
 
     @property
-    def accepting(self) -> bool:
-        return self._accepting
-
-    @property
     def queued_items(self) -> int:
         return len(self._pending)
 
     @property
     def in_flight_items(self) -> int:
-        return len(self._pending) + self._running
+        return len(self._pending) + sum(len(batch) for batch in self._batches.values())
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, finish what is queued and running; False if it timed out."""
@@ -227,12 +222,10 @@ class Batcher:
 
     async def submit(self, sequences: Sequence[IdArray]) -> ScoredRequest:
         """Score token id sequences (each (T_i,) int64); waits until all are scored."""
-        if not self._accepting:
-            raise BatcherClosedError("the service is shutting down and takes no new requests")
         n = len(sequences)
+        self.check_admission(n)
         if n == 0:
             return ScoredRequest(np.zeros(0, dtype=np.float32), 0.0, 0.0)
-        self.check_capacity(n)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request = _Request(n, future)
         self._pending.extend(_Item(ids, request, i) for i, ids in enumerate(sequences))
@@ -244,9 +237,12 @@ class Batcher:
             request.scores, request.last_start - request.enqueued_at, request.inference_s
         )
 
-    def check_capacity(self, n: int) -> None:
-        """Raise QueueFullError now if ``n`` items would not fit in the queue (callers check
-        before tokenizing, so a full server refuses work before spending CPU on it)."""
+    def check_admission(self, n: int) -> None:
+        """Raise BatcherClosedError if the service takes no new work, QueueFullError if ``n``
+        items would not fit in the queue (callers check before tokenizing, so a full or
+        draining server refuses work before spending CPU on it)."""
+        if not self._accepting:
+            raise BatcherClosedError("the service is shutting down and takes no new requests")
         queued = len(self._pending)
         if queued + n > self.max_queue_items:
             raise QueueFullError(queued, self.max_queue_items, self._retry_after_s(queued))
@@ -281,7 +277,7 @@ class Batcher:
         """Wait for work and an instance to take it, or form one batch and give it there."""
         instance = min(range(len(self._load)), key=self._load.__getitem__)
         if not self._pending or self._load[instance] >= _MAX_BATCHES_PER_INSTANCE:
-            if not self._pending and self._running == 0:
+            if not self._pending and not self._batches:
                 self._idle.set()
             # A submission or a finished batch sets the event.
             await self._wakeup.wait()
@@ -299,7 +295,6 @@ class Batcher:
         self._pending = [item for item in self._pending if id(item) not in taken]
         self._queue_changed()
         self._load[instance] += 1
-        self._running += len(batch)
         task = asyncio.get_running_loop().create_task(self._run(batch, instance))
         self._batches[task] = batch
 
@@ -346,7 +341,6 @@ class Batcher:
         try:
             await self._run_on(batch, instance)
         finally:
-            self._running -= len(batch)
             self._load[instance] -= 1
             task = asyncio.current_task()
             if task is not None:

@@ -181,20 +181,20 @@ class ModelRuntime:
             ]
         except Exception as e:  # ORT raises its own untyped errors for broken models
             raise BundleError(f"{self.path} cannot be loaded by onnxruntime: {e}") from e
-        self.session = self.sessions[0]
-        active = self.session.get_providers()
+        first = self.sessions[0]
+        active = first.get_providers()
         if self.provider == "cuda" and ORT_PROVIDERS["cuda"] not in active:
             raise RuntimeConfigError(
                 f"onnxruntime could not start the CUDA provider (active: {active}); check the "
                 "CUDA/cuDNN libraries, or use --provider cpu"
             )
-        names = [i.name for i in self.session.get_inputs()]
+        names = [i.name for i in first.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
             raise BundleError(
                 f"{self.path} has inputs {names}; a bundle model takes exactly "
                 f"{list(INPUT_NAMES)}; export the bundle again"
             )
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = first.get_outputs()[0].name
         self.info = RuntimeInfo(
             model=manifest.model_name,
             precision=self.precision,

@@ -85,6 +85,13 @@ def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> L
     return LoadedModel(settings.bundle, manifest, runtime, tokenizer)
 
 
+def _refusal(e: QueueFullError | BatcherClosedError) -> ApiError:
+    """The answer to work the batcher refused: 429 when full, 503 when draining."""
+    if isinstance(e, QueueFullError):
+        return ApiError(429, "queue_full", str(e), headers={"Retry-After": str(e.retry_after_s)})
+    return ApiError(503, "unavailable", str(e), headers={"Retry-After": "1"})
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     scores: npt.NDArray[np.float32]  # (n,) raw rewards, request order
@@ -121,15 +128,9 @@ class Scorer:
                 "(RMSERVE_MAX_ITEMS_PER_REQUEST); split it",
             )
         try:
-            self.batcher.check_capacity(len(items))
-            if not self.batcher.accepting:
-                raise BatcherClosedError("the service is shutting down and takes no new requests")
-        except QueueFullError as e:
-            raise ApiError(
-                429, "queue_full", str(e), headers={"Retry-After": str(e.retry_after_s)}
-            ) from e
-        except BatcherClosedError as e:
-            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "1"}) from e
+            self.batcher.check_admission(len(items))
+        except (QueueFullError, BatcherClosedError) as e:
+            raise _refusal(e) from e
         started = time.perf_counter()
         try:
             encoded = await self.model.tokenizer.encode(items, truncate_response=truncate_response)
@@ -155,12 +156,8 @@ class Scorer:
         tokenize_s = time.perf_counter() - started
         try:
             scored = await self.batcher.submit(encoded.ids)
-        except QueueFullError as e:
-            raise ApiError(
-                429, "queue_full", str(e), headers={"Retry-After": str(e.retry_after_s)}
-            ) from e
-        except BatcherClosedError as e:
-            raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "1"}) from e
+        except (QueueFullError, BatcherClosedError) as e:
+            raise _refusal(e) from e
         except InferenceError as e:
             raise ApiError(500, "inference_error", str(e)) from e
         return ScoreResult(

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,36 +46,11 @@ REPO = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "rmserve.service", "serve"]
 
 
-@contextlib.contextmanager
-def serve_model(settings: ServiceSettings, model: Any) -> Iterator[RunningServer]:
+def serve_model(
+    settings: ServiceSettings, model: Any
+) -> contextlib.AbstractContextManager[RunningServer]:
     """Like ``serve_app``, over a model the test loaded (and may have wrapped) itself."""
-    import uvicorn
-
-    from rmserve.service.app import create_app
-
-    app = create_app(settings, model)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while True:
-        assert thread.is_alive(), "the server thread died during start-up"
-        assert time.monotonic() < deadline, "the server was not ready in 60 s"
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    try:
-        yield RunningServer(url, app, server)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    return serve_app(settings, model)
 
 
 def free_port() -> int:

@@ -56,10 +56,12 @@ def auth_headers() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serve_app(settings: ServiceSettings) -> Iterator[RunningServer]:
+def serve_app(settings: ServiceSettings, model: Any = None) -> Iterator[RunningServer]:
+    """uvicorn in a thread over ``create_app(settings)``, or over a model the test loaded
+    (and may have wrapped) itself; yields once /readyz answers 200."""
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, model)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
