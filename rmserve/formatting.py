@@ -10,8 +10,21 @@ uses::
 
     \\n\\nHuman: <user turn>\\n\\nAssistant: <assistant turn> ...
 
-Three input forms exist (DESIGN.md): a prompt and a response, a conversation as chat
-messages whose last one is the response, or text already rendered by the caller.
+Three input forms exist (docs/architecture: the wire API): a prompt and a response, a
+conversation as chat messages whose last one is the response, or text already rendered by the
+caller.
+
+A bundle has one of three text formats:
+
+- :class:`TextFormat` (``kind: "transcript"``): role prefixes, the HH format above; what
+  rmserve-trained models use, with the tokenizer's own special tokens around the text;
+- :class:`ChatTemplateFormat` (``kind: "chat_template"``): the model's own Jinja chat
+  template, rendered as transformers renders it (:mod:`rmserve.chat_template`) and tokenized
+  as ``apply_chat_template(tokenize=True)`` does: no special tokens added around the text (the
+  template writes them). Text rendered by the caller gets the template's BOS string in front
+  when it lacks it (verl strips it; OpenRLHF keeps it), so both give the model card's ids;
+- :class:`TextPairFormat` (``kind: "text_pair"``): encoders without a chat template that
+  score ``tokenizer(question, answer)``, as OpenAssistant's DeBERTa reward models do.
 """
 
 from __future__ import annotations
@@ -22,14 +35,18 @@ from typing import Any
 
 __all__ = [
     "ROLES",
+    "AnyTextFormat",
+    "ChatTemplateFormat",
     "FormattingError",
     "Message",
     "RenderedText",
     "TextFormat",
+    "TextPairFormat",
     "messages_from_pair",
     "parse_transcript",
     "render",
     "render_text",
+    "text_format_from_dict",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -63,11 +80,12 @@ class TextFormat:
         raise FormattingError(f"unknown message role {role!r}; expected one of {', '.join(ROLES)}")
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {"kind": "transcript", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextFormat:
         known = {"system_prefix", "user_prefix", "assistant_prefix"}
+        data = {k: v for k, v in data.items() if not (k == "kind" and v == "transcript")}
         unknown = set(data) - known
         if unknown:
             raise FormattingError(f"unknown text_format fields: {sorted(unknown)}")
@@ -78,12 +96,87 @@ class TextFormat:
 
 
 @dataclass(frozen=True)
+class ChatTemplateFormat:
+    """The model's own chat template and the special tokens transformers passes to it."""
+
+    template: str  # the Jinja source, from the tokenizer's chat_template
+    special_tokens: dict[str, str]  # tokenizer.special_tokens_map: bos_token, eos_token, ...
+    # The BOS string the template writes at the start of every conversation (Llama 3, Gemma,
+    # Mistral), or None (Qwen's ChatML has none). Caller-rendered text without it gets it.
+    bos_text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "chat_template", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChatTemplateFormat:
+        template, tokens, bos = (
+            data.get("template"),
+            data.get("special_tokens"),
+            data.get("bos_text"),
+        )
+        if not isinstance(template, str) or not template:
+            raise FormattingError("text_format.template must be a non-empty string")
+        if not isinstance(tokens, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()
+        ):
+            raise FormattingError("text_format.special_tokens must map names to strings")
+        if bos is not None and not isinstance(bos, str):
+            raise FormattingError("text_format.bos_text must be a string or null")
+        unknown = set(data) - {"kind", "template", "special_tokens", "bos_text"}
+        if unknown:
+            raise FormattingError(f"unknown text_format fields: {sorted(unknown)}")
+        return cls(template=template, special_tokens=dict(tokens), bos_text=bos or None)
+
+
+@dataclass(frozen=True)
+class TextPairFormat:
+    """Encoders scored as ``tokenizer(question, answer)``: the prompt turns' contents joined by
+    ``separator`` are the first text, the response the second."""
+
+    separator: str = "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "text_pair", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TextPairFormat:
+        separator = data.get("separator", "\n")
+        if not isinstance(separator, str):
+            raise FormattingError("text_format.separator must be a string")
+        unknown = set(data) - {"kind", "separator"}
+        if unknown:
+            raise FormattingError(f"unknown text_format fields: {sorted(unknown)}")
+        return cls(separator=separator)
+
+
+AnyTextFormat = TextFormat | ChatTemplateFormat | TextPairFormat
+
+
+def text_format_from_dict(data: Mapping[str, Any]) -> AnyTextFormat:
+    """A text format from its manifest form; ``kind`` absent means the transcript format."""
+    kind = data.get("kind", "transcript")
+    if kind == "chat_template":
+        return ChatTemplateFormat.from_dict(data)
+    if kind == "text_pair":
+        return TextPairFormat.from_dict(data)
+    if kind == "transcript":
+        return TextFormat.from_dict({k: v for k, v in data.items() if k != "kind"})
+    raise FormattingError(
+        f"unknown text_format kind {kind!r}; expected transcript, chat_template or text_pair"
+    )
+
+
+@dataclass(frozen=True)
 class RenderedText:
     """A rendered pair. ``response_start`` is the character offset where the response begins,
-    or None for text rendered by the caller, whose prompt/response boundary is unknown."""
+    or None for text rendered by the caller, whose prompt/response boundary is unknown.
+    ``pair`` is the second text of a text-pair format (the response; ``text`` is then the
+    prompt), tokenized as the tokenizer's sequence pair."""
 
     text: str
     response_start: int | None
+    pair: str | None = None
 
 
 def _coerce_messages(messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
@@ -107,17 +200,21 @@ def _coerce_messages(messages: Sequence[Message | Mapping[str, Any]]) -> list[Me
 
 def messages_from_pair(
     prompt: str | Sequence[Message | Mapping[str, Any]], response: str
-) -> list[Message]:
+) -> list[Message | Mapping[str, Any]]:
     """A prompt (plain string or conversation) plus a response, as one conversation."""
-    turns = [Message("user", prompt)] if isinstance(prompt, str) else _coerce_messages(prompt)
+    turns: list[Message | Mapping[str, Any]] = (
+        [Message("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    )
     return [*turns, Message("assistant", response)]
 
 
 def render(
-    messages: Sequence[Message | Mapping[str, Any]], text_format: TextFormat | None = None
+    messages: Sequence[Message | Mapping[str, Any]], text_format: AnyTextFormat | None = None
 ) -> RenderedText:
     """Render a conversation whose last message is the assistant response being scored."""
     fmt = text_format or TextFormat()
+    if isinstance(fmt, ChatTemplateFormat):
+        return _render_chat_template(messages, fmt)
     turns = _coerce_messages(messages)
     if not turns:
         raise FormattingError("a conversation needs at least one message (the response)")
@@ -126,6 +223,9 @@ def render(
             f"the last message is the response and must have role 'assistant', "
             f"got {turns[-1].role!r}"
         )
+    if isinstance(fmt, TextPairFormat):
+        question = fmt.separator.join(turn.content for turn in turns[:-1])
+        return RenderedText(text=question, response_start=None, pair=turns[-1].content)
     parts: list[str] = []
     for turn in turns[:-1]:
         parts.append(fmt.prefix(turn.role))
@@ -135,9 +235,73 @@ def render(
     return RenderedText(text=head + turns[-1].content, response_start=len(head))
 
 
-def render_text(text: str) -> RenderedText:
-    """Text rendered by the caller (OpenRLHF's ``query``, vLLM's ``input``): taken as is."""
-    return RenderedText(text=text, response_start=None)
+# Stands in for the response while the template is rendered a second time, to find where the
+# response starts: plain ASCII without spaces, so trim/strip filters leave it whole.
+_RESPONSE_MARKER = "RMSERVExRESPONSExMARKERx7f3a9c"
+
+
+def _chat_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise FormattingError(f"message {i} must be an object with a string role")
+        content = m.get("content")
+        if not isinstance(content, (str, list)):
+            raise FormattingError(f"message {i} content must be a string or a list of parts")
+        out.append(dict(m))
+    return out
+
+
+def _render_chat_template(
+    messages: Sequence[Message | Mapping[str, Any]], fmt: ChatTemplateFormat
+) -> RenderedText:
+    from rmserve.chat_template import ChatTemplateError, render_chat_template
+
+    chat = _chat_dicts(messages)
+    if not chat:
+        raise FormattingError("a conversation needs at least one message (the response)")
+    if chat[-1]["role"] != "assistant":
+        raise FormattingError(
+            f"the last message is the response and must have role 'assistant', "
+            f"got {chat[-1]['role']!r}"
+        )
+    try:
+        text = render_chat_template(fmt.template, chat, fmt.special_tokens)
+    except ChatTemplateError as e:
+        raise FormattingError(f"the model's chat template refused the conversation: {e}") from e
+    start: int | None = None
+    if isinstance(chat[-1]["content"], str):
+        probe = [*chat[:-1], {**chat[-1], "content": _RESPONSE_MARKER}]
+        try:
+            marked = render_chat_template(fmt.template, probe, fmt.special_tokens)
+        except ChatTemplateError:
+            marked = ""
+        at = marked.find(_RESPONSE_MARKER)
+        # The boundary is trusted only when the text before the marker is the real text's
+        # start (a template that rewrites the response would move it).
+        if at >= 0 and text.startswith(marked[:at]):
+            start = at
+    return RenderedText(text=text, response_start=start)
+
+
+def render_text(
+    text: str, text_format: AnyTextFormat | None = None, response_start: int | None = None
+) -> RenderedText:
+    """Text rendered by the caller (OpenRLHF's ``query``, vLLM's ``input``): taken as is, with
+    the chat template's BOS string put in front when the text lacks it, so that text whose
+    BOS was stripped (verl) and text that kept it (OpenRLHF) give the same ids.
+    ``response_start`` is where the response begins in ``text``, when the caller knows."""
+    bos = text_format.bos_text if isinstance(text_format, ChatTemplateFormat) else None
+    if bos and not text.startswith(bos):
+        shift = len(bos)
+        return RenderedText(
+            text=bos + text,
+            response_start=None if response_start is None else response_start + shift,
+        )
+    return RenderedText(text=text, response_start=response_start)
 
 
 def parse_transcript(transcript: str, text_format: TextFormat | None = None) -> list[Message]:

@@ -3,10 +3,17 @@
 A bundle is a directory::
 
     model.onnx          fp32 model: input_ids, attention_mask (int64, [batch, seq]) -> reward
+                        ([batch], or [batch, K] for a model with K > 1 heads)
+    model.onnx.data     the weights as ONNX external data, for models past protobuf's 2 GB
     model.int8.onnx     optional dynamic-int8 variant for CPU
-    model.fp16.onnx     optional fp16 variant for GPU
+    model.fp16.onnx     optional fp16 variant for GPU (``model.fp16.onnx.data`` when large)
     tokenizer.json      fast tokenizer for the ``tokenizers`` library
     rmserve.json        this manifest
+
+Every file of the bundle is listed with its sha256 (``files``), and :func:`load_bundle` checks
+them all before the service opens its port. Format version 2 added the text formats of
+:mod:`rmserve.formatting` (chat templates, text pairs), the heads (``labels``,
+``reward_head``) and ``files``; version 1 bundles are still read.
 
 Training writes it (``rmserve export``); the service reads it with :func:`load_bundle`, which
 refuses a bundle whose manifest is missing, malformed, of an unknown format version, or whose
@@ -23,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from rmserve.formatting import FormattingError, TextFormat
+from rmserve.formatting import AnyTextFormat, FormattingError, text_format_from_dict
 
 __all__ = [
     "FORMAT_VERSION",
@@ -40,7 +47,8 @@ __all__ = [
     "sha256_file",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "rmserve.json"
 TOKENIZER_NAME = "tokenizer.json"
 VARIANT_FILES: dict[str, str] = {
@@ -101,24 +109,36 @@ class Manifest:
     max_length: int
     pad_token_id: int
     padding_side: Literal["right"]  # right padding keeps the first/last positions exact
-    truncation: str  # "prompt_left": drop prompt tokens from the left (DESIGN.md)
-    text_format: TextFormat
+    truncation: str  # "prompt_left": drop prompt tokens from the left
+    text_format: AnyTextFormat  # transcript, chat_template or text_pair (rmserve.formatting)
     normalization: Normalization
     evaluation: Evaluation | None
     variants: dict[str, Variant]  # keyed by precision
     tokenizer_sha256: str
     created_at: str  # ISO 8601, UTC
     rmserve_version: str
+    # One name per output of the model (config.id2label); ``reward`` is [batch] for one head,
+    # [batch, K] for K. ``reward_head`` is the index /v1/score returns as ``scores``.
+    labels: tuple[str, ...] = ("reward",)
+    reward_head: int = 0
+    # Every other file of the bundle (ONNX external data) with its sha256.
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["text_format"] = self.text_format.to_dict()
+        data["labels"] = list(self.labels)
         return data
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/models`` shows: everything but file hashes."""
         data = self.to_dict()
         data.pop("tokenizer_sha256")
+        data["files"] = sorted(data["files"])
         for variant in data["variants"].values():
             variant.pop("sha256")
         return data
@@ -158,6 +178,7 @@ def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manife
     manifest = _parse_manifest(data, str(manifest_path))
     checks = [(TOKENIZER_NAME, manifest.tokenizer_sha256)]
     checks += [(v.file, v.sha256) for v in manifest.variants.values()]
+    checks += list(manifest.files.items())
     for name, expected in checks:
         path = root / name
         if not path.is_file():
@@ -183,10 +204,11 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     if not isinstance(data, Mapping):
         raise fail("the manifest must be a JSON object")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise fail(
-            f"unknown format_version {version!r}; this rmserve reads version {FORMAT_VERSION}. "
-            "Export the bundle again with this rmserve, or upgrade rmserve"
+            f"unknown format_version {version!r}; this rmserve reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Export the bundle again with this "
+            "rmserve, or upgrade rmserve"
         )
 
     def get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -223,9 +245,23 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     if truncation != "prompt_left":
         raise fail(f"unknown truncation policy {truncation!r}; expected 'prompt_left'")
     try:
-        text_format = TextFormat.from_dict(section("text_format"))
+        text_format = text_format_from_dict(section("text_format"))
     except FormattingError as e:
         raise fail(str(e)) from e
+    labels = data.get("labels", ["reward"])
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise fail("labels must be a non-empty list of strings (one per model output)")
+    reward_head = data.get("reward_head", 0)
+    if isinstance(reward_head, bool) or not isinstance(reward_head, int):
+        raise fail(f"reward_head must be an integer, got {reward_head!r}")
+    if not 0 <= reward_head < len(labels):
+        raise fail(f"reward_head {reward_head} is not one of the {len(labels)} outputs {labels}")
+    files = data.get("files", {})
+    if not isinstance(files, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
+        for k, v in files.items()
+    ):
+        raise fail("files must map file names inside the bundle to sha256 hex digests")
 
     norm = section("normalization")
     normalization = Normalization(
@@ -286,4 +322,7 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         tokenizer_sha256=get(data, "tokenizer_sha256", str, ""),
         created_at=get(data, "created_at", str, ""),
         rmserve_version=get(data, "rmserve_version", str, ""),
+        labels=tuple(labels),
+        reward_head=reward_head,
+        files=dict(files),
     )

@@ -1,10 +1,13 @@
 """Render and tokenize request items off the event loop, the way training did.
 
-Items come in the three forms of DESIGN.md: a (prompt, response) pair, a conversation whose
-last message is the response, or text already rendered by the caller. Each is rendered with
-the bundle's ``text_format`` by :mod:`rmserve.formatting` and encoded by
+Items come in three forms: a (prompt, response) pair, a conversation whose last message is
+the response, or text already rendered by the caller. Each is rendered with the bundle's
+``text_format`` by :mod:`rmserve.formatting` (the HH transcript of rmserve-trained models, or
+the model's own chat template, as transformers renders it) and encoded by
 :class:`rmserve.encoding.PairEncoder` over the bundle's ``tokenizer.json``: the same two
-functions training used, so the ids are the ones the model was trained and exported on.
+functions training and export used, so the ids are the ones the model was trained and
+certified on. A template that refuses a conversation (``raise_exception``) fails that
+request's item with the template's own message, and nothing else.
 
 A request's items are rendered and encoded together in one call to the tokenizer (Rust,
 parallel across items) inside a small thread pool, so the event loop never tokenizes.
@@ -27,9 +30,9 @@ import numpy.typing as npt
 
 from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import (
+    AnyTextFormat,
     FormattingError,
     RenderedText,
-    TextFormat,
     messages_from_pair,
     render,
     render_text,
@@ -93,12 +96,9 @@ class ItemInput:
     # sends both); lets truncation drop prompt tokens first instead of cutting blindly.
     response_start: int | None = None
 
-    def render(self, text_format: TextFormat) -> RenderedText:
+    def render(self, text_format: AnyTextFormat) -> RenderedText:
         if self.text is not None:
-            rendered = render_text(self.text)
-            if self.response_start is not None:
-                return RenderedText(text=rendered.text, response_start=self.response_start)
-            return rendered
+            return render_text(self.text, text_format, self.response_start)
         if self.messages is not None:
             return render(self.messages, text_format)
         if self.prompt is not None and self.response is not None:
@@ -123,13 +123,23 @@ class _Job:
 class RequestTokenizer:
     """Renders and encodes items with the bundle's format and tokenizer."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, *, max_item_chars: int, threads: int):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        *,
+        max_item_chars: int,
+        threads: int,
+        max_length: int | None = None,
+    ):
+        """``max_length``: tokens per item, at most the bundle's (default: the bundle's)."""
         self.manifest = manifest
         self.text_format = manifest.text_format
         self.max_item_chars = max_item_chars
+        self.max_length = min(max_length or manifest.max_length, manifest.max_length)
         path = Path(bundle_dir) / TOKENIZER_NAME
         try:
-            self.encoder = PairEncoder.from_file(str(path), manifest.max_length)
+            self.encoder = PairEncoder.from_file(str(path), self.max_length, self.text_format)
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files
             raise BundleError(
                 f"{path} cannot be loaded by the tokenizers library: {e}; export the bundle again"
@@ -195,12 +205,13 @@ class RequestTokenizer:
                 text = item.render(self.text_format)
             except FormattingError as e:
                 raise InvalidItemError(index, str(e)) from e
-            if len(text.text) > self.max_item_chars:
-                raise ItemTooLongError(index, len(text.text), self.max_item_chars)
+            chars = len(text.text) + len(text.pair or "")
+            if chars > self.max_item_chars:
+                raise ItemTooLongError(index, chars, self.max_item_chars)
             # JSON may carry "\ud800" (and Python decodes raw surrogate bytes with
             # surrogatepass); the Rust tokenizer cannot take such a str and would fail with a
             # 500. Found by tests/reliability/test_bad_input.py.
-            if _SURROGATE.search(text.text):
+            if _SURROGATE.search(text.text) or (text.pair and _SURROGATE.search(text.pair)):
                 raise InvalidItemError(
                     index,
                     "the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a "

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rmserve.encoding import PairEncoder
-from rmserve.formatting import RenderedText, TextFormat
+from rmserve.formatting import AnyTextFormat, RenderedText, TextFormat
 from rmserve.manifest import MANIFEST_NAME, TOKENIZER_NAME, load_bundle
 from rmserve.training.data import PreferenceExample
 from rmserve.training.scoring import BatchScorer, onnx_scorer, score_ids
@@ -47,7 +47,7 @@ class PairScores:
 
 
 def encode_examples(
-    examples: Sequence[PreferenceExample], encoder: PairEncoder, text_format: TextFormat
+    examples: Sequence[PreferenceExample], encoder: PairEncoder, text_format: AnyTextFormat
 ) -> EncodedExamples:
     """Render and encode all responses; a response longer than max_length keeps its start
     (evaluation scores every pair rather than refusing some)."""
@@ -73,11 +73,18 @@ def encode_examples(
 
 
 def score_pairs(
-    encoded: EncodedExamples, scorer: BatchScorer, pad_token_id: int, batch_size: int = 32
+    encoded: EncodedExamples,
+    scorer: BatchScorer,
+    pad_token_id: int,
+    batch_size: int = 32,
+    head: int = 0,
 ) -> PairScores:
+    """Scores of every pair; for a model with several heads, those of ``head``."""
     import numpy as np
 
     rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)
+    if rewards.ndim == 2:  # (N, K) -> (N,)
+        rewards = rewards[:, head]
     chars = np.asarray(encoded.response_chars, dtype=np.int64)
     return PairScores(
         chosen=rewards[encoded.winners],
@@ -134,11 +141,12 @@ def evaluate_model(
                 f"bundle {root} has no {precision} variant (it has "
                 f"{', '.join(sorted(manifest.variants))}); export it with --{precision}"
             )
-        fmt = manifest.text_format
+        fmt: AnyTextFormat = manifest.text_format
         length = max_length or manifest.max_length
         pad_token_id = manifest.pad_token_id
-        encoder = PairEncoder.from_file(str(root / TOKENIZER_NAME), length)
+        encoder = PairEncoder.from_file(str(root / TOKENIZER_NAME), length, fmt)
         scorer = onnx_scorer(str(root / manifest.variants[precision].file))
+        head = manifest.reward_head
         kind = "bundle"
     else:
         from rmserve.training.metadata import TrainingInfo
@@ -157,15 +165,19 @@ def evaluate_model(
         net = load_reward_model(str(root), pad_token_id=tokenizer.pad_token_id)
         _, pooling = architecture_of(net)
         fmt = info.text_format if info else TextFormat()
-        length = max_length or (info.max_length if info else default_max_length(net))
+        length = max_length or (info.max_length if info else default_max_length(net, tokenizer))
         pad_token_id = int(tokenizer.pad_token_id)
-        encoder = PairEncoder(tokenizer.backend_tokenizer, length)
+        encoder = PairEncoder(tokenizer.backend_tokenizer, length, fmt)
         scorer = torch_scorer(net, pooling)
+        head = 0
         kind = "checkpoint"
 
-    read = read_examples(data, skip_malformed=skip_malformed, text_format=fmt, limit=limit)
+    # The data's own transcripts are parsed in the HH format unless the bundle's format is
+    # another transcript format; the bundle's format (maybe a chat template) renders them.
+    data_format = fmt if isinstance(fmt, TextFormat) else None
+    read = read_examples(data, skip_malformed=skip_malformed, text_format=data_format, limit=limit)
     encoded = encode_examples(read.examples, encoder, fmt)
-    scores = score_pairs(encoded, scorer, pad_token_id, batch_size)
+    scores = score_pairs(encoded, scorer, pad_token_id, batch_size, head)
     result: dict[str, Any] = dict(pair_metrics(scores))
     result |= {
         "model": str(root),

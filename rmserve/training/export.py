@@ -24,29 +24,38 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from rmserve import __version__
 from rmserve.encoding import PairEncoder
-from rmserve.formatting import Message, TextFormat, messages_from_pair, render
+from rmserve.formatting import (
+    AnyTextFormat,
+    FormattingError,
+    TextPairFormat,
+    messages_from_pair,
+    render,
+    render_text,
+)
 from rmserve.manifest import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     TOKENIZER_NAME,
     VARIANT_FILES,
     Architecture,
     Evaluation,
     Manifest,
     Normalization,
+    Pooling,
     Variant,
     sha256_file,
 )
+from rmserve.training.checkpoint import HeadError, load_checkpoint
 from rmserve.training.data import PreferenceExample
 from rmserve.training.evaluate import PairScores, encode_examples, pair_metrics, score_pairs
 from rmserve.training.metadata import TrainingInfo
@@ -54,10 +63,15 @@ from rmserve.training.modeling import (
     RewardModel,
     architecture_of,
     default_max_length,
-    load_reward_model,
     load_tokenizer,
 )
 from rmserve.training.scoring import onnx_scorer, pad_batch
+from rmserve.training.text_path import (
+    TextFormatChoice,
+    certificate_conversations,
+    certify_text_path,
+    choose_text_format,
+)
 
 __all__ = ["ExportError", "export_bundle", "export_onnx"]
 
@@ -110,16 +124,21 @@ def export_onnx(
             )
 
 
-def _parity_texts(encoder: PairEncoder, text_format: TextFormat, count: int = 6) -> list[list[int]]:
+def _parity_texts(
+    encoder: PairEncoder, text_format: AnyTextFormat, count: int = 6
+) -> list[list[int]]:
     """Ids of synthetic pairs from a few tokens to max_length, for the fp32 check."""
     sentence = "The quick brown fox jumps over the lazy dog, and then it rests. "
     rows: list[list[int]] = []
     for i in range(count):
         prompt = sentence * (1 + 6 * i)  # long prompts get cut from the left to max_length
         response = sentence * (1 + i)
-        rendered = render(messages_from_pair(prompt, response), text_format)
+        try:
+            rendered = render(messages_from_pair(prompt, response), text_format)
+        except FormattingError:  # a template that refuses this shape of conversation
+            continue
         rows.append(encoder.encode(rendered, truncate_response=True).ids)
-    rows.append(encoder.encode(render([Message("assistant", "ok")], text_format)).ids)
+    rows.append(encoder.encode(render_text("ok", text_format)).ids)
     return rows
 
 
@@ -187,6 +206,53 @@ def _decision_parity(
     }
 
 
+def _silent(message: str) -> None:
+    del message
+
+
+def _labels(config: Any) -> tuple[str, ...]:
+    """One name per output: ``reward`` for one head, config.id2label for several."""
+    count = int(getattr(config, "num_labels", 1) or 1)
+    if count == 1:
+        return ("reward",)
+    names = getattr(config, "id2label", None) or {}
+    return tuple(str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(count))
+
+
+def _reward_head(labels: tuple[str, ...], requested: int | str) -> int:
+    """The index of the head ``/v1/score`` returns: a number or one of the labels."""
+    if isinstance(requested, str) and not requested.lstrip("-").isdigit():
+        if requested not in labels:
+            raise ExportError(
+                f"--reward-head {requested!r} is not one of the labels {list(labels)}"
+            )
+        return labels.index(requested)
+    index = int(requested)
+    if not 0 <= index < len(labels):
+        raise ExportError(
+            f"--reward-head {index} is out of range: the model has {len(labels)} outputs "
+            f"{list(labels)}"
+        )
+    return index
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh folder beside ``out``: the bundle is built there and moved into place whole,
+    so a failed export leaves neither a half-written bundle nor a damaged old one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
 def export_bundle(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -197,39 +263,72 @@ def export_bundle(
     eval_data: str | None = None,
     max_length: int | None = None,
     model_name: str | None = None,
-    text_format: TextFormat | None = None,
+    text_format: AnyTextFormat | None = None,
+    text_format_choice: TextFormatChoice = "auto",
+    head_name: str | None = None,
+    reward_head: int | str = 0,
+    trust_remote_code: bool = False,
     exporter: Literal["torchscript", "dynamo"] = "torchscript",
     opset: int = 17,
     fp32_tolerance: float = 1e-4,
     min_agreement: float = 0.99,
     max_accuracy_drop: float = 0.01,
     batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Export ``checkpoint_dir`` to a bundle in ``out_dir`` and return its manifest.
+    """Export ``checkpoint_dir`` (a folder or a hub id) to a bundle in ``out_dir``.
 
     ``eval_pairs`` (with ``eval_data`` naming where they came from) feed the evaluation
     section and the int8/fp16 decision checks; without them, int8/fp16 need the eval set that
-    training recorded in ``rmserve_training.json``. ``max_length`` and ``text_format`` default
-    to what training used (else 512 capped by the model's positions, and the HH format).
-    Raises :class:`ExportError` with the numbers when a parity check fails; the bundle then
-    has no ``rmserve.json``.
+    training recorded in ``rmserve_training.json``. ``max_length`` defaults to what training
+    used, else what the model supports; the text format to what training used, else the
+    model's chat template (:func:`choose_text_format`). Raises :class:`ExportError` with the
+    numbers when a check fails, and then leaves ``out_dir`` as it was.
     """
-    checkpoint = Path(checkpoint_dir)
+    say = progress or _silent
+    source = str(checkpoint_dir)
     out = Path(out_dir)
-    info = TrainingInfo.read(checkpoint)
-    tokenizer = load_tokenizer(str(checkpoint))
-    model = load_reward_model(str(checkpoint), pad_token_id=tokenizer.pad_token_id)
+    info = TrainingInfo.read(source) if Path(source).is_dir() else None
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        say(f"[{time.perf_counter() - started:7.1f} s] {message}")
+
+    step(f"loading {source}")
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    try:
+        loaded = load_checkpoint(source, head_name=head_name, trust_remote_code=trust_remote_code)
+    except HeadError as e:
+        raise ExportError(str(e)) from e
+    model = loaded.model
     model.train(False)  # eval mode: dropout off (the traced graph keeps whatever mode it sees)
     kind, pooling = architecture_of(model)
-    fmt = text_format or (info.text_format if info else TextFormat())
-    length = max_length or (info.max_length if info else None) or default_max_length(model)
+    labels = _labels(model.config)
+    head_index = _reward_head(labels, reward_head)
+    if text_format is not None:
+        fmt: AnyTextFormat = text_format
+        why = "given"
+    else:
+        try:
+            fmt, why = choose_text_format(
+                text_format_choice, tokenizer, kind, info.text_format if info else None
+            )
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    length = max_length or (info.max_length if info else None)
+    length = length or default_max_length(model, tokenizer)
     pad_token_id = int(tokenizer.pad_token_id)
+    head_note = f", head mapped from {loaded.mapped_from}" if loaded.mapped_from else ""
+    step(
+        f"{kind} {model.config.model_type}, {model.num_parameters():,} parameters, "
+        f"{len(labels)} head(s){head_note}; text format: {why}; max_length {length}"
+    )
 
     if (int8 or fp16) and eval_pairs is None and info is not None and info.eval_data:
         from rmserve.training.data import read_examples
 
         eval_data = info.eval_data
-        eval_pairs = read_examples(eval_data, skip_malformed=True).examples
+        eval_pairs = read_examples(eval_data).examples
     if (int8 or fp16) and not eval_pairs:
         raise ExportError(
             "the int8/fp16 checks compare pairwise decisions with fp32 on eval pairs, and none "
@@ -237,21 +336,80 @@ def export_bundle(
             "checkpoint records it)"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
-    # A failed export must not leave an old, valid manifest, nor old variant files behind.
-    for name in (MANIFEST_NAME, *VARIANT_FILES.values()):
-        (out / name).unlink(missing_ok=True)
-    tokenizer.backend_tokenizer.save(str(out / TOKENIZER_NAME))
-    encoder = PairEncoder.from_file(str(out / TOKENIZER_NAME), length)
+    staging = _staging_dir(out)
+    try:
+        manifest = _write_bundle(
+            staging,
+            tokenizer=tokenizer,
+            model=model,
+            pooling=pooling,
+            fmt=fmt,
+            length=length,
+            pad_token_id=pad_token_id,
+            labels=labels,
+            head_index=head_index,
+            info=info,
+            eval_pairs=eval_pairs,
+            eval_data=eval_data,
+            variants_wanted={"int8": int8, "fp16": fp16},
+            model_name=model_name or out.resolve().name,
+            base_model=info.base_model if info else source,
+            exporter=exporter,
+            opset=opset,
+            fp32_tolerance=fp32_tolerance,
+            min_agreement=min_agreement,
+            max_accuracy_drop=max_accuracy_drop,
+            batch_size=batch_size,
+            step=step,
+        )
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    step(f"bundle written to {out}")
+    return manifest
 
-    wrapper = RewardModel(model, pooling).eval()
-    fp32_path = out / VARIANT_FILES["fp32"]
-    with tempfile.TemporaryDirectory() as tmp:
-        # Export to a temporary name first so that a crash never leaves a half-written file.
-        tmp_path = Path(tmp) / "model.onnx"
-        export_onnx(wrapper, tmp_path, exporter=exporter, opset=opset)
-        shutil.move(str(tmp_path), fp32_path)
 
+def _write_bundle(
+    staging: Path,
+    *,
+    tokenizer: Any,
+    model: Any,
+    pooling: Pooling,
+    fmt: AnyTextFormat,
+    length: int,
+    pad_token_id: int,
+    labels: tuple[str, ...],
+    head_index: int,
+    info: TrainingInfo | None,
+    eval_pairs: Sequence[PreferenceExample] | None,
+    eval_data: str | None,
+    variants_wanted: dict[str, bool],
+    model_name: str,
+    base_model: str,
+    exporter: Literal["torchscript", "dynamo"],
+    opset: int,
+    fp32_tolerance: float,
+    min_agreement: float,
+    max_accuracy_drop: float,
+    batch_size: int,
+    step: Callable[[str], None],
+) -> Manifest:
+    tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_NAME))
+    encoder = PairEncoder.from_file(str(staging / TOKENIZER_NAME), length, fmt)
+
+    # An encoder scored on text pairs learnt segment ids (token_type_ids) for the answer:
+    # the graph derives them from the separator, so the bundle keeps its two inputs.
+    uses_segments = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
+    separator = (
+        tokenizer.sep_token_id if isinstance(fmt, TextPairFormat) and uses_segments else None
+    )
+    wrapper = RewardModel(model, pooling, pair_separator_id=separator).eval()
+    fp32_path = staging / VARIANT_FILES["fp32"]
+    step(f"tracing the model to ONNX ({exporter} exporter, opset {opset})")
+    export_onnx(wrapper, fp32_path, exporter=exporter, opset=opset)
+
+    step("fp32 parity: torch against onnxruntime on a padded batch of mixed lengths")
     rows = _parity_texts(encoder, fmt)
     encoded = encode_examples(eval_pairs, encoder, fmt) if eval_pairs else None
     if encoded is not None:
@@ -260,34 +418,42 @@ def export_bundle(
     fp32_diff = _fp32_parity(wrapper, fp32_path, rows, pad_token_id, fp32_tolerance)
     parity: dict[str, dict[str, float]] = {"fp32": {"max_abs_diff": fp32_diff}}
 
+    step("text-path parity: conversations through the bundle against transformers")
+    conversations = certificate_conversations(
+        [_conversation(e) for e in eval_pairs] if eval_pairs else []
+    )
+    try:
+        certificate = certify_text_path(
+            conversations,
+            text_format=fmt,
+            encoder=encoder,
+            tokenizer=tokenizer,
+            model=model,
+            scorer=onnx_scorer(str(fp32_path)),
+            pad_token_id=pad_token_id,
+            tolerance=fp32_tolerance,
+        )
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    parity["fp32"] |= certificate.as_parity()
+
     evaluation = info.evaluation if info else None
     normalization = info.normalization if info else None
     if encoded is not None:
-        fp32_scores = score_pairs(encoded, onnx_scorer(str(fp32_path)), pad_token_id, batch_size)
-        metrics = pair_metrics(fp32_scores)
-        evaluation = Evaluation(
-            accuracy=float(metrics["accuracy"]),
-            n=int(metrics["n"]),
-            data=eval_data or "eval pairs given to export",
-            mean_margin=float(metrics["mean_margin"]),
-            shorter_wins_accuracy=float(metrics["shorter_wins_accuracy"]),
+        step(f"evaluating on {len(encoded.winners)} eval pairs")
+        fp32_scores = score_pairs(
+            encoded, onnx_scorer(str(fp32_path)), pad_token_id, batch_size, head_index
         )
-        if normalization is None:
-            rewards = np.concatenate([fp32_scores.chosen, fp32_scores.rejected])
-            normalization = Normalization(
-                mean=float(rewards.mean()),
-                std=float(max(rewards.std(), 1e-6)),
-                n=int(rewards.size),
-                reference=f"eval pairs ({rewards.size} responses), measured at export",
-            )
-        for precision, convert, enabled in (
-            ("int8", _quantize_int8, int8),
-            ("fp16", _convert_fp16, fp16),
-        ):
-            if enabled:
-                path = out / VARIANT_FILES[precision]
+        evaluation = _evaluation(fp32_scores, eval_data)
+        normalization = normalization or _normalization(fp32_scores)
+        for precision, convert in (("int8", _quantize_int8), ("fp16", _convert_fp16)):
+            if variants_wanted[precision]:
+                step(f"{precision} variant: converting and checking decisions against fp32")
+                path = staging / VARIANT_FILES[precision]
                 convert(fp32_path, path)
-                scores = score_pairs(encoded, onnx_scorer(str(path)), pad_token_id, batch_size)
+                scores = score_pairs(
+                    encoded, onnx_scorer(str(path)), pad_token_id, batch_size, head_index
+                )
                 parity[precision] = _decision_parity(
                     precision, fp32_scores, scores, min_agreement, max_accuracy_drop
                 )
@@ -296,20 +462,24 @@ def export_bundle(
             mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
         )
 
+    step("hashing every file of the bundle")
     variants = {
         precision: Variant(
             file=VARIANT_FILES[precision],
-            sha256=sha256_file(out / VARIANT_FILES[precision]),
+            sha256=sha256_file(staging / VARIANT_FILES[precision]),
             precision=precision,  # type: ignore[arg-type]
             parity=numbers,
         )
         for precision, numbers in parity.items()
     }
+    named = {TOKENIZER_NAME, *(v.file for v in variants.values())}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
-        model_name=model_name or out.resolve().name,
-        base_model=info.base_model if info else str(model.config.name_or_path or checkpoint),
-        architecture=Architecture(kind=kind, model_type=model.config.model_type, pooling=pooling),
+        model_name=model_name,
+        base_model=base_model,
+        architecture=Architecture(
+            kind=architecture_of(model)[0], model_type=model.config.model_type, pooling=pooling
+        ),
         max_length=length,
         pad_token_id=pad_token_id,
         padding_side="right",
@@ -318,9 +488,43 @@ def export_bundle(
         normalization=normalization,
         evaluation=evaluation,
         variants=variants,
-        tokenizer_sha256=sha256_file(out / TOKENIZER_NAME),
+        tokenizer_sha256=sha256_file(staging / TOKENIZER_NAME),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         rmserve_version=__version__,
+        labels=labels,
+        reward_head=head_index,
+        files={
+            p.name: sha256_file(p)
+            for p in sorted(staging.iterdir())
+            if p.is_file() and p.name not in named
+        },
     )
-    manifest.write(out)
+    manifest.write(staging)
     return manifest
+
+
+def _conversation(example: PreferenceExample) -> list[dict[str, str]]:
+    """An eval pair's prompt and preferred response, as chat messages."""
+    turns = [{"role": m.role, "content": m.content} for m in example.prompt]
+    return [*turns, {"role": "assistant", "content": example.responses[0]}]
+
+
+def _evaluation(scores: PairScores, eval_data: str | None) -> Evaluation:
+    metrics = pair_metrics(scores)
+    return Evaluation(
+        accuracy=float(metrics["accuracy"]),
+        n=int(metrics["n"]),
+        data=eval_data or "eval pairs given to export",
+        mean_margin=float(metrics["mean_margin"]),
+        shorter_wins_accuracy=float(metrics["shorter_wins_accuracy"]),
+    )
+
+
+def _normalization(scores: PairScores) -> Normalization:
+    rewards = np.concatenate([scores.chosen, scores.rejected])
+    return Normalization(
+        mean=float(rewards.mean()),
+        std=float(max(rewards.std(), 1e-6)),
+        n=int(rewards.size),
+        reference=f"eval pairs ({rewards.size} responses), measured at export",
+    )

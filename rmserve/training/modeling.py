@@ -4,11 +4,10 @@ One reward function, :func:`reward_forward`, is used by the trainer, by evaluati
 ONNX export wrapper, so that the number a checkpoint gives in torch is the number the bundle
 gives in onnxruntime.
 
-Pooling (DESIGN.md): encoders read the score at the first token (their classification head
-already pools ``[CLS]``); decoders read it at the last real token. For decoders the position is
-``attention_mask.sum(-1) - 1`` (right padding), not transformers' own search for the pad token
-id: that search uses an int64 ArgMax, which exports badly, and it misfires when the pad token is
-also the end-of-text token inside the text.
+Pooling: encoders read the score at the first token (their classification head already pools
+``[CLS]``); decoders read it where transformers does, at the rightmost real token that is not
+the config's pad token. The position is a ReduceMax over ``position * keep`` (no int64 ArgMax,
+which exports badly), under the attention mask, so right padding never moves it.
 """
 
 from __future__ import annotations
@@ -66,20 +65,30 @@ def architecture_of(model: PreTrainedModel) -> tuple[ArchitectureKind, Pooling]:
     return "encoder", "first"
 
 
-def default_max_length(model: PreTrainedModel, cap: int = 512) -> int:
-    """The model's position limit, capped (used when nothing else says the max length)."""
+def default_max_length(model: PreTrainedModel, tokenizer: Any = None) -> int:
+    """The most tokens the model supports: its position limit (config), bounded by the
+    tokenizer's ``model_max_length`` where that is a real number (tokenizers without one carry
+    a huge placeholder). A user's ``--max-length`` bounds it further."""
     config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None
-    )
-    return int(min(cap, positions or cap))
+    limits = [
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    ]
+    if tokenizer is not None:
+        limits.append(getattr(tokenizer, "model_max_length", None))
+    usable = [int(x) for x in limits if isinstance(x, int) and 2 <= x < 10**7]
+    if not usable:
+        raise ValueError(
+            f"cannot tell the longest input of {config.model_type}: its config has no "
+            "max_position_embeddings and its tokenizer no model_max_length; pass --max-length"
+        )
+    return min(usable)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The fast tokenizer of a checkpoint; decoders without a pad token get eos as pad."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"the tokenizer of {path} is not a fast tokenizer; rmserve needs tokenizer.json "
@@ -116,20 +125,33 @@ def reward_forward(
     input_ids: torch.Tensor,  # (B, T) int64, right padded
     attention_mask: torch.Tensor,  # (B, T) int64, 1 for real tokens
     pooling: Pooling,
-) -> torch.Tensor:  # (B,) float
-    """The scalar reward of each row, read at the first (encoders) or last real token."""
+    token_type_ids: torch.Tensor | None = None,  # (B, T) int64, encoders' segment ids
+) -> torch.Tensor:  # (B,) float, or (B, K) for a model with K > 1 heads
+    """The reward of each row, read at the first (encoders) or last real token."""
     if pooling == "first":
-        logits: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[:, 0]  # (B, 1) -> (B,)
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        logits: torch.Tensor = model(
+            input_ids=input_ids, attention_mask=attention_mask, **segments
+        ).logits
+        return logits[:, 0] if logits.size(-1) == 1 else logits  # (B, 1) -> (B,)
     backbone = model.base_model
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    # (B, T, H) -> (B, H) at the last real token; the head is per-position, so applying it
-    # after the gather equals applying it everywhere and gathering the logits.
-    last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)  # (B,)
+    # (B, T, H) -> (B, H) at the last real token that is not the config's pad token: what
+    # transformers' own ...ForSequenceClassification reads ("the rightmost token that is not
+    # pad_token_id"), so a text that ends in the pad token (pad = eos) scores as the model
+    # card's snippet does. The head is per-position, so applying it after the gather equals
+    # applying it everywhere and gathering the logits.
+    keep = attention_mask.long()  # (B, T)
+    pad_token_id = model.config.pad_token_id
+    if pad_token_id is not None:
+        keep = keep * (input_ids != pad_token_id).long()
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+    last = (positions.unsqueeze(0) * keep).amax(dim=-1)  # (B,)
     index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))  # (B, 1, H)
     pooled = torch.gather(hidden, 1, index).squeeze(1)  # (B, H)
     head = getattr(model, _DECODER_HEAD)
-    return head(pooled)[:, 0]  # type: ignore[no-any-return]
+    scores: torch.Tensor = head(pooled)  # (B, K)
+    return scores[:, 0] if scores.size(-1) == 1 else scores
 
 
 class RewardModel(torch.nn.Module):
@@ -140,13 +162,26 @@ class RewardModel(torch.nn.Module):
     transformers model is ``.model``; checkpoints are saved from it, in transformers' format.
     """
 
-    def __init__(self, model: PreTrainedModel, pooling: Pooling):
+    def __init__(
+        self, model: PreTrainedModel, pooling: Pooling, pair_separator_id: int | None = None
+    ):
+        """``pair_separator_id``: for an encoder scored on (question, answer) pairs, the id of
+        the separator token; the graph then derives the segment ids itself (1 after the
+        first separator), as the tokenizer's pair encoding gives them, so the bundle keeps
+        its two inputs."""
         super().__init__()
         self.model = model
         self.pooling: Pooling = pooling
+        self.pair_separator_id = pair_separator_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return reward_forward(self.model, input_ids, attention_mask, self.pooling)
+        segments = None
+        if self.pair_separator_id is not None:
+            is_sep = (input_ids == self.pair_separator_id).long()  # (B, T)
+            # 0 up to and with the first separator, 1 after it; 0 on padding.
+            segments = ((is_sep.cumsum(dim=-1) - is_sep) >= 1).long() * attention_mask
+        rewards = reward_forward(self.model, input_ids, attention_mask, self.pooling, segments)
+        return rewards.float()  # float32 whatever the weights' dtype: `reward` is float32
 
 
 def freeze(model: PreTrainedModel, *, embeddings: bool = False, layers: int = 0) -> int:
@@ -163,7 +198,8 @@ def freeze(model: PreTrainedModel, *, embeddings: bool = False, layers: int = 0)
         if layers > len(blocks):
             raise ValueError(
                 f"cannot freeze {layers} layers: the model has {len(blocks)}; pass "
-                f"--freeze-layers {len(blocks) - 1} or less (the default is tuned for MiniLM)"
+                f"--freeze-layers {len(blocks) - 1} or less (the minilm-hh preset's 3 are "
+                "meant for MiniLM's 6)"
             )
         for block in blocks[:layers]:
             block.requires_grad_(False)

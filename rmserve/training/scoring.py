@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchScorer", "onnx_scorer", "pad_batch", "score_ids", "torch_scorer"]
 
-# (input_ids (B, T) int64, attention_mask (B, T) int64) -> rewards (B,) float32
+# (input_ids (B, T) int64, attention_mask (B, T) int64) -> rewards (B,) or (B, K) float32
 BatchScorer = Callable[["npt.NDArray[np.int64]", "npt.NDArray[np.int64]"], "npt.NDArray[Any]"]
 
 
@@ -43,16 +43,20 @@ def score_ids(
     pad_token_id: int,
     batch_size: int = 32,
 ) -> npt.NDArray[np.float64]:
-    """Rewards for many sequences, in the input order; batches are sorted by length."""
+    """Rewards for many sequences, in the input order ((N,), or (N, K) for K heads);
+    batches are sorted by length."""
     import numpy as np
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.zeros(len(ids), dtype=np.float64)
+    out: npt.NDArray[np.float64] | None = None
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = pad_batch([ids[i] for i in chunk], pad_token_id)
-        out[chunk] = scorer(input_ids, mask)
-    return out
+        rewards = np.asarray(scorer(input_ids, mask), dtype=np.float64)  # (B,) or (B, K)
+        if out is None:
+            out = np.zeros((len(ids), *rewards.shape[1:]), dtype=np.float64)
+        out[chunk] = rewards
+    return out if out is not None else np.zeros(0, dtype=np.float64)
 
 
 def torch_scorer(model: PreTrainedModel, pooling: Pooling) -> BatchScorer:
