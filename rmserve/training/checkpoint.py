@@ -11,7 +11,8 @@ Heads under other names are mapped onto the architecture's head (``score`` for d
 
 - ``value_head``: OpenRLHF's reward models (its ``--value_head_prefix``; the config may say
   which in ``value_head_prefix``);
-- ``v_head.summary``: TRL's ``AutoModelForCausalLMWithValueHead``;
+- ``v_head.summary``: TRL's ``AutoModelForCausalLMWithValueHead`` (a head with a bias, which
+  decoders' ``score`` lacks: the head is given one, read from the checkpoint);
 - anything else with ``--head-name NAME``.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rmserve.training.modeling import architecture_of
@@ -112,10 +114,51 @@ def load_checkpoint(
     if mapped_from is not None and mapped_from != head:
         key_mapping = {f"^{re.escape(mapped_from)}\\.": f"{head}."}
         model, info = _load(source, dtype, trust_remote_code, key_mapping=key_mapping)
+        if f"{head}.bias" in info.get("unexpected_keys", []):
+            _add_bias(model, head, _checkpoint_tensor(source, f"{mapped_from}.bias"))
+            info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k != f"{head}.bias"]
     problems = _head_problems(head, info)
     if problems:
         raise HeadError(_refusal(source, model, head, mapped_from, problems, info))
     return LoadedCheckpoint(model=model, head=head, mapped_from=mapped_from)
+
+
+def _checkpoint_tensor(source: str, name: str) -> torch.Tensor:
+    """One tensor of a safetensors checkpoint (a folder or a hub id already in the cache)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils.hub import cached_file
+
+    index = cached_file(
+        source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False
+    )
+    shard = "model.safetensors"
+    if index:
+        shard = json.loads(Path(index).read_text())["weight_map"][name]
+    path = cached_file(source, shard)
+    if path is None:
+        raise HeadError(f"{source}: cannot find {shard} to read {name} from")
+    with safe_open(path, framework="pt") as f:
+        tensor: torch.Tensor = f.get_tensor(name)
+    return tensor
+
+
+def _add_bias(model: PreTrainedModel, head: str, bias: torch.Tensor) -> None:
+    """Give ``model.<head>`` (a Linear without bias) the checkpoint's bias."""
+    import torch
+
+    old = getattr(model, head)
+    if not isinstance(old, torch.nn.Linear) or bias.shape != (old.out_features,):
+        raise HeadError(
+            f"the checkpoint's head bias has shape {tuple(bias.shape)}, which does not fit "
+            f"{type(old).__name__} {head}"
+        )
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.copy_(bias.to(old.weight.dtype))
+    setattr(model, head, new)
 
 
 def _refusal(

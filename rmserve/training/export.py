@@ -65,6 +65,7 @@ from rmserve.training.modeling import (
     default_max_length,
     load_tokenizer,
 )
+from rmserve.training.onnx_files import data_file, gather_external_data, save_model
 from rmserve.training.scoring import onnx_scorer, pad_batch
 from rmserve.training.text_path import (
     TextFormatChoice,
@@ -88,7 +89,21 @@ def export_onnx(
     opset: int = 17,
     trace_length: int = 8,
 ) -> None:
-    """Write the wrapper as one self-contained ONNX file with dynamic batch and sequence axes."""
+    """Write the wrapper as an ONNX file with dynamic batch and sequence axes: self-contained,
+    or for a model past protobuf's 2 GB, with its weights in one ``<path>.data`` beside it."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as tmp:
+        traced = Path(tmp) / "model.onnx"
+        _trace(wrapper, traced, exporter, opset, trace_length)
+        gather_external_data(traced, path)
+
+
+def _trace(
+    wrapper: RewardModel,
+    path: Path,
+    exporter: Literal["torchscript", "dynamo"],
+    opset: int,
+    trace_length: int,
+) -> None:
     wrapper.eval()  # the legacy exporter traces whatever mode the module is in
     ids = torch.full((2, trace_length), 1, dtype=torch.int64)  # (B, T) placeholder ids
     mask = torch.ones_like(ids)
@@ -119,7 +134,7 @@ def export_onnx(
                 dynamo=True,
                 opset_version=max(opset, 18),
                 dynamic_shapes=shapes,
-                external_data=False,
+                external_data=True,
                 **names,  # type: ignore[arg-type]
             )
 
@@ -168,7 +183,16 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Per-channel weights keep small hidden sizes accurate; activations are quantized per batch.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
+        out = Path(tmp) / dst.name
+        quantize_dynamic(
+            str(src),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            use_external_data_format=data_file(src).exists(),
+        )
+        gather_external_data(out, dst)
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
@@ -176,8 +200,7 @@ def _convert_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # keep_io_types: the inputs stay int64 and `reward` stays float32, as the contract says.
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
+    save_model(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), dst)
 
 
 def _decision_parity(

@@ -1,0 +1,135 @@
+"""Export of reward heads as they come: renamed, with a bias, several, or missing (refused).
+
+Each case is a tiny model from the model zoo whose expected rewards come from transformers on
+a reference build with the same seed (the same weights under transformers' own head name), so
+a random head, a dropped bias or a wrong label order fails here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import model_zoo
+import numpy as np
+import pytest
+
+from rmserve.cli import main
+from rmserve.encoding import PairEncoder
+from rmserve.formatting import render
+from rmserve.manifest import MANIFEST_NAME, load_bundle
+from rmserve.training.export import ExportError, export_bundle
+from rmserve.training.scoring import onnx_scorer, pad_batch
+
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": "Knead, rise, bake."},
+    ],
+    [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Too many cheetahs. 🐆"},
+    ],
+]
+
+
+def _reference_logits(path: Path) -> np.ndarray:
+    """model(**apply_chat_template(conversation)).logits for each conversation: (N, K)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(path)
+    model: Any = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    rows = []
+    with torch.no_grad():
+        for conversation in CONVERSATIONS:
+            inputs = tokenizer.apply_chat_template(
+                conversation, tokenize=True, return_tensors="pt", return_dict=True
+            )
+            rows.append(model(**inputs).logits[0].numpy())
+    return np.stack(rows)
+
+
+def _bundle_scores(bundle: Path) -> np.ndarray:
+    manifest = load_bundle(bundle)
+    encoder = PairEncoder.from_file(
+        str(bundle / "tokenizer.json"), manifest.max_length, manifest.text_format
+    )
+    rows = [encoder.encode(render(c, manifest.text_format)).ids for c in CONVERSATIONS]
+    scores = onnx_scorer(str(bundle / "model.onnx"))(*pad_batch(rows, manifest.pad_token_id))
+    return np.asarray(scores).reshape(len(rows), -1)
+
+
+def test_openrlhf_value_head_is_mapped(tmp_path: Path) -> None:
+    reference = model_zoo.build_decoder(tmp_path / "ref", "llama3", seed=3)
+    renamed = model_zoo.build_decoder(tmp_path / "openrlhf", "llama3", seed=3, head="value_head")
+    export_bundle(renamed, tmp_path / "bundle", max_length=256)
+    expected = _reference_logits(reference)
+    assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - expected)) <= 1e-4
+
+
+def test_trl_value_head_keeps_its_bias(tmp_path: Path) -> None:
+    reference = model_zoo.build_decoder(tmp_path / "ref", "chatml", seed=4)
+    trl = model_zoo.build_decoder(tmp_path / "trl", "chatml", seed=4, head="v_head")
+    bias = float(model_zoo.expected_head(trl)["v_head.summary.bias"][0])
+    assert bias != 0.0
+    export_bundle(trl, tmp_path / "bundle", max_length=256)
+    expected = _reference_logits(reference) + bias
+    assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - expected)) <= 1e-4
+
+
+def test_a_head_name_given_by_flag(tmp_path: Path) -> None:
+    reference = model_zoo.build_decoder(tmp_path / "ref", "mistral", seed=5)
+    renamed = model_zoo.build_decoder(tmp_path / "m", "mistral", seed=5, head="value_head")
+    export_bundle(renamed, tmp_path / "bundle", max_length=256, head_name="value_head")
+    assert (
+        np.max(np.abs(_bundle_scores(tmp_path / "bundle") - _reference_logits(reference))) <= 1e-4
+    )
+
+
+def test_a_bare_causal_lm_is_refused_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare = model_zoo.build_decoder(tmp_path / "lm", "chatml", head="none")
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError) as refused:
+        export_bundle(bare, out, max_length=256)
+    message = str(refused.value)
+    assert "score.weight" in message
+    assert "newly initialised" in message
+    assert "causal LM" in message
+    assert not out.exists()
+    assert not list(tmp_path.glob(".bundle.partial-*"))  # no half-written bundle either
+    # The command line: exit 2 with the reason.
+    assert main(["export", str(bare), "--out", str(out), "--quiet"]) == 2
+    assert "did not load" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_failed_export_leaves_the_old_bundle_as_it_was(tmp_path: Path) -> None:
+    good = model_zoo.build_decoder(tmp_path / "good", "chatml", seed=1)
+    bare = model_zoo.build_decoder(tmp_path / "lm", "chatml", head="none")
+    out = tmp_path / "bundle"
+    export_bundle(good, out, max_length=128)
+    before = (out / MANIFEST_NAME).read_text()
+    with pytest.raises(ExportError):
+        export_bundle(bare, out, max_length=128)
+    assert (out / MANIFEST_NAME).read_text() == before
+    load_bundle(out)  # every hash still checks
+
+
+def test_three_heads_with_labels(tmp_path: Path) -> None:
+    path = model_zoo.build_decoder(tmp_path / "armo", "llama3", seed=6, num_labels=3)
+    manifest = export_bundle(path, tmp_path / "bundle", max_length=256, reward_head="correctness")
+    assert manifest.labels == ("helpfulness", "correctness", "coherence")
+    assert manifest.reward_head == 1
+    scores = _bundle_scores(tmp_path / "bundle")
+    assert scores.shape == (len(CONVERSATIONS), 3)
+    assert np.max(np.abs(scores - _reference_logits(path))) <= 1e-4
+    assert manifest.variants["fp32"].parity["text_path_max_abs_diff"] <= 1e-4
+
+
+def test_an_unknown_reward_head_is_refused(tmp_path: Path) -> None:
+    path = model_zoo.build_decoder(tmp_path / "armo", "chatml", num_labels=3)
+    with pytest.raises(ExportError, match="is not one of"):
+        export_bundle(path, tmp_path / "bundle", max_length=128, reward_head="honesty")
