@@ -41,7 +41,8 @@ def hh_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def hh_dev_examples(hh_data_dir: Path) -> list[PreferenceExample]:
-    """The 239 well-formed pairs of dev.jsonl.gz (its one malformed row skipped)."""
+    """The 240 pairs of dev.jsonl.gz (the one that parts before the last turn read as TRL
+    reads it)."""
     from rmserve.training.data import read_examples
 
     return read_examples(hh_data_dir / "dev.jsonl.gz", skip_malformed=True).examples

@@ -4,14 +4,24 @@ Sources: ``.jsonl``, ``.jsonl.gz``, ``.json`` (a list of rows, or ``{"data": [..
 ``.parquet``, or a Hugging Face dataset id (``owner/name``, optionally ``owner/name:split``;
 needs the ``hub`` extra). The row shape is detected once per file, from its first row:
 
-- ``hh``: HH transcripts ``{"chosen", "rejected"}``, two whole conversations that share
-  everything up to the final assistant turn (the Anthropic HH-RLHF format);
+- ``hh``: HH transcripts ``{"chosen", "rejected"}``, two whole conversations (the Anthropic
+  HH-RLHF format), usually sharing everything up to the final assistant turn;
 - ``explicit``: ``{"prompt", "chosen", "rejected"}`` strings;
 - ``conversational``: the same keys holding chat message lists (``prompt`` may be omitted
   when ``chosen``/``rejected`` are whole conversations that share their prefix);
 - ``ranked``: ``{"prompt", "responses": [...]}`` best first, or with ``"ranks"`` (lower is
   better, distinct): all K-choose-2 pairs stay together in one example;
 - any shape may carry a per-row ``"margin"`` (a number).
+
+The two transcripts of an ``hh`` row need not part at their final turn: a few HH rows (4 of
+1835 in the shipped train file, 1 of 240 in dev) differ a turn or two earlier. Such a pair is
+read as TRL's ``extract_prompt`` reads it: the prompt is the longest run of turns the two share,
+and each response is the rest of its transcript. The run is cut back to the last shared turn
+that both continue with an assistant turn, so the prompt ends at a turn boundary and each
+response, rendered after the prompt, is byte for byte its original transcript (a later turn's
+role prefix stays inside the response text). Such examples are marked ``parted`` and counted;
+only a pair sharing no opening turn (no prompt at all) is malformed. Conversational rows (message
+lists) that part early stay malformed (see ``_paired``).
 
 A malformed row raises :class:`DataError` naming the file, the line and the problem, unless
 ``skip_malformed`` is set; the result then counts the skipped rows.
@@ -28,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rmserve.formatting import (
+    AnyTextFormat,
     FormattingError,
     Message,
     RenderedText,
@@ -66,6 +77,9 @@ class PreferenceExample:
     responses: tuple[str, ...]  # best first, at least two
     margin: float = 0.0  # subtracted inside the loss: -log sigmoid(r_w - r_l - margin)
     source: str = ""  # "file:line" for error messages
+    # The two conversations parted before their final turn; the prompt is their shared turns
+    # (see the module docstring) and a response may hold several turns.
+    parted: bool = False
 
     def pairs(self) -> Iterator[tuple[int, int]]:
         """(winner index, loser index) for every K-choose-2 pair."""
@@ -73,7 +87,7 @@ class PreferenceExample:
             for j in range(i + 1, len(self.responses)):
                 yield i, j
 
-    def rendered(self, text_format: TextFormat | None = None) -> list[RenderedText]:
+    def rendered(self, text_format: AnyTextFormat | None = None) -> list[RenderedText]:
         """Each response rendered with the prompt, in the order of ``responses``."""
         return [
             render(messages_from_pair(list(self.prompt), response), text_format)
@@ -92,6 +106,12 @@ class ReadResult:
     @property
     def num_pairs(self) -> int:
         return sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in self.examples)
+
+    @property
+    def parted(self) -> int:
+        """Examples whose two conversations parted before their final turn (read, not skipped:
+        callers report the count so that nobody mistakes them for lost rows)."""
+        return sum(e.parted for e in self.examples)
 
 
 class _RowError(ValueError):
@@ -268,13 +288,16 @@ def parse_row(
     if row_shape != shape and not {row_shape, shape} <= paired:
         raise _RowError(f"this row looks {row_shape} but the file's first row was {shape}")
     margin = _margin(row)
+    parted = False
     if shape == "hh":
-        prompt, responses = _hh(row, fmt)
+        prompt, responses, parted = _hh(row, fmt)
     elif shape == "ranked":
         prompt, responses = _ranked(row)
     else:
         prompt, responses = _paired(row)
-    return PreferenceExample(prompt=prompt, responses=responses, margin=margin, source=source)
+    return PreferenceExample(
+        prompt=prompt, responses=responses, margin=margin, source=source, parted=parted
+    )
 
 
 def _margin(row: Mapping[str, Any]) -> float:
@@ -293,7 +316,11 @@ def _text(row: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _hh(row: Mapping[str, Any], fmt: TextFormat) -> tuple[tuple[Message, ...], tuple[str, ...]]:
+# (prompt, (chosen response, rejected response), parted before the final turn)
+_Split = tuple[tuple[Message, ...], tuple[str, ...], bool]
+
+
+def _hh(row: Mapping[str, Any], fmt: TextFormat) -> _Split:
     conversations = []
     for key in ("chosen", "rejected"):
         try:
@@ -304,12 +331,37 @@ def _hh(row: Mapping[str, Any], fmt: TextFormat) -> tuple[tuple[Message, ...], t
             raise _RowError(f"{key!r} does not end with an assistant turn")
         conversations.append(messages)
     chosen, rejected = conversations
-    if chosen[:-1] != rejected[:-1]:
+    return _split_conversations(chosen, rejected, fmt)
+
+
+def _split_conversations(chosen: list[Message], rejected: list[Message], fmt: TextFormat) -> _Split:
+    """Prompt and responses of two conversations that both end with an assistant turn.
+
+    TRL's ``extract_prompt`` on messages takes the longest common prefix as the prompt. A
+    response here starts with an assistant turn (the renderer writes the assistant prefix
+    before it), so the cut goes back to the last shared turn after which both conversations
+    continue with an assistant turn; the turns after the cut become the response's text, each
+    with its role prefix, so that rendering gives back the original conversation exactly.
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1  # the longest common prefix, in turns
+    cut = min(shared, len(chosen) - 1, len(rejected) - 1)
+    while cut >= 0 and not (chosen[cut].role == rejected[cut].role == "assistant"):
+        cut -= 1
+    parted = cut != len(chosen) - 1 or cut != len(rejected) - 1
+    if cut < 0 or (parted and cut == 0):
         raise _RowError(
-            "chosen and rejected differ before their final assistant turn; an HH pair must "
-            "share the conversation and differ only in the last response"
+            "chosen and rejected differ from their first turn; a pair must share its prompt "
+            "(at least the opening turn) and differ in the responses after it"
         )
-    return tuple(chosen[:-1]), (chosen[-1].content, rejected[-1].content)
+    responses = (_tail(chosen[cut:], fmt), _tail(rejected[cut:], fmt))
+    return tuple(chosen[:cut]), responses, parted
+
+
+def _tail(turns: list[Message], fmt: TextFormat) -> str:
+    """Turns from an assistant turn on, as the text that follows its assistant prefix."""
+    return turns[0].content + "".join(fmt.prefix(t.role) + t.content for t in turns[1:])
 
 
 def _messages(value: Any, key: str) -> list[Message]:
@@ -350,6 +402,9 @@ def _response(value: Any, key: str) -> tuple[list[Message], str]:
 
 
 def _paired(row: Mapping[str, Any]) -> tuple[tuple[Message, ...], tuple[str, ...]]:
+    # Unlike HH transcripts, message lists that part early stay malformed: a response is one
+    # string, and writing later turns into it would need the text format of the bundle
+    # (a chat template renders them differently from HH prefixes).
     prompt = _prompt(row) if "prompt" in row else []
     chosen_head, chosen = _response(row.get("chosen"), "chosen")
     rejected_head, rejected = _response(row.get("rejected"), "rejected")

@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import TextFormat
@@ -24,6 +24,7 @@ from rmserve.training.modeling import (
     MINILM_NAME,
     RewardModel,
     architecture_of,
+    default_max_length,
     freeze,
     load_reward_model,
     load_tokenizer,
@@ -31,7 +32,10 @@ from rmserve.training.modeling import (
 )
 from rmserve.training.trainer import PreferenceDataset, RewardTrainer
 
-__all__ = ["TrainResult", "shorter_wins_accuracy", "train_reward_model"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["TrainResult", "resolve_max_length", "shorter_wins_accuracy", "train_reward_model"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class TrainResult:
     normalization: Normalization
     train_examples: int
     skipped: int  # malformed training rows skipped
+    parted: int  # training pairs whose transcripts parted before their last turn (kept)
+    max_length: int  # tokens per (prompt, response) used: the config's, or the model's limit
 
 
 def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
@@ -68,8 +74,44 @@ def _log(message: str) -> None:
 
 def _report(result: ReadResult, what: str) -> None:
     _log(f"{what}: {len(result.examples)} examples ({result.shape}) from {result.source}")
+    if result.parted:
+        first = next(e.source for e in result.examples if e.parted)
+        _log(
+            f"{what}: {result.parted} of the pairs part before their last turn (e.g. {first}); "
+            "read with their shared turns as the prompt and the rest of each as the response"
+        )
     if result.skipped:
         _log(f"{what}: skipped {result.skipped} malformed rows, e.g. {result.problems[0]}")
+
+
+def _seed_everything(config: RewardConfig) -> None:
+    """Seed python, numpy and torch before anything random happens, the reward head's
+    initialisation included, as Trainer does for a model_init (it seeds only in __init__,
+    after our model exists). full_determinism also makes the kernels deterministic."""
+    from transformers import enable_full_determinism, set_seed
+
+    if config.full_determinism:
+        enable_full_determinism(config.seed)
+    else:
+        set_seed(config.seed)
+
+
+def resolve_max_length(
+    config: RewardConfig, model: PreTrainedModel, tokenizer: Any, base: str
+) -> int:
+    """The config's max_length, checked against the model's positions; when it has none, the
+    most the model supports (its positions, bounded by its tokenizer's model_max_length)."""
+    if config.max_length is None:
+        return default_max_length(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if positions and config.max_length > positions:
+        raise ValueError(
+            f"--max-length {config.max_length} exceeds the {positions} positions of {base}; "
+            f"pass --max-length {positions} or less (or leave it out to use the model's limit)"
+        )
+    return config.max_length
 
 
 def train_reward_model(
@@ -83,23 +125,21 @@ def train_reward_model(
     limit: int | None = None,
     text_format: TextFormat | None = None,
 ) -> TrainResult:
-    """Train a Bradley-Terry reward model on ``data`` and save it to ``out``."""
+    """Train a Bradley-Terry reward model on ``data`` and save it to ``out``.
+
+    The same call with the same ``config.seed`` gives the same weights on the same machine:
+    the seed is set before the model (and its fresh reward head) is built.
+    """
     import torch
 
     fmt = text_format or TextFormat()
+    _seed_everything(config)
     base_path = resolve_base(base)
     tokenizer = load_tokenizer(base_path)
     model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id)
     kind, pooling = architecture_of(model)
     trainable = freeze(model, embeddings=config.freeze_embeddings, layers=config.freeze_layers)
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    if positions and config.max_length > positions:
-        raise ValueError(
-            f"--max-length {config.max_length} exceeds the {positions} positions of {base}; "
-            f"pass --max-length {positions} or less"
-        )
+    max_length = resolve_max_length(config, model, tokenizer, base)
 
     train_read = read_examples(data, skip_malformed=skip_malformed, text_format=fmt, limit=limit)
     _report(train_read, "train")
@@ -108,7 +148,7 @@ def train_reward_model(
         eval_read = read_examples(eval_data, skip_malformed=skip_malformed, text_format=fmt)
         _report(eval_read, "eval")
 
-    encoder = PairEncoder(tokenizer.backend_tokenizer, config.max_length)
+    encoder = PairEncoder(tokenizer.backend_tokenizer, max_length)
     train_set = PreferenceDataset(
         train_read.examples,
         encoder,
@@ -122,12 +162,11 @@ def train_reward_model(
     )
     _log(
         f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
-        f"examples, {train_set.truncated} truncated to {config.max_length} tokens, "
+        f"examples, {train_set.truncated} truncated to {max_length} tokens, "
         f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters; "
         f"processes: {config.world_size}"
     )
 
-    torch.manual_seed(config.seed)
     reward_model = RewardModel(model, pooling)
     trainer = RewardTrainer(
         reward_model,
@@ -162,7 +201,7 @@ def train_reward_model(
         tokenizer.save_pretrained(str(out_path))
         TrainingInfo(
             base_model=MINILM_NAME if base == MINILM_ALIAS else base_path,
-            max_length=config.max_length,
+            max_length=max_length,
             text_format=fmt,
             normalization=normalization,
             evaluation=evaluation,
@@ -174,6 +213,8 @@ def train_reward_model(
             "train_loss": output.training_loss,
             "train_examples": len(train_set),
             "skipped": train_read.skipped,
+            "parted": train_read.parted,
+            "max_length": max_length,
             "steps": trainer.state.global_step,
             "seconds": output.metrics.get("train_runtime"),
         }
@@ -194,4 +235,6 @@ def train_reward_model(
         normalization=normalization,
         train_examples=len(train_set),
         skipped=train_read.skipped,
+        parted=train_read.parted,
+        max_length=max_length,
     )

@@ -173,10 +173,15 @@ class RewardTrainer(Trainer):
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(
             dataset, PreferenceDataset
         ):
-            # Trainer would measure len(input_ids) = K; the padded size is what matters.
+            # Trainer would measure len(input_ids) = K; the padded size is what matters. The
+            # order follows data_seed (else seed) through its own generator, as Trainer's
+            # other samplers do, so that nothing else drawn from torch's global generator
+            # (dropout, a fresh head) changes which examples are batched together.
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 lengths=dataset.lengths,
+                generator=torch.Generator().manual_seed(seed),
             )
         return super()._get_train_sampler(train_dataset)
 

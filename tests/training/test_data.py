@@ -49,22 +49,78 @@ def test_hh_transcripts_split_into_prompt_and_responses(tmp_path: Path) -> None:
 def test_hh_rows_with_different_prompts_are_malformed(tmp_path: Path) -> None:
     bad = dict(HH_ROW, rejected="\n\nHuman: Something else\n\nAssistant: No.")
     path = write_jsonl(tmp_path / "d.jsonl", [HH_ROW, bad, HH_ROW])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: chosen and rejected differ") as info:
+    with pytest.raises(DataError, match=r"d\.jsonl:2: chosen and rejected differ from their first"):
         read_examples(path)
-    assert "--skip-malformed" in str(info.value)
+    with pytest.raises(DataError, match="--skip-malformed"):
+        read_examples(path)
     result = read_examples(path, skip_malformed=True)
     assert len(result.examples) == 2
     assert result.skipped == 1
     assert "d.jsonl:2" in result.problems[0]
 
 
-def test_real_data_has_its_known_malformed_rows(hh_data_dir: Path) -> None:
-    train = read_examples(hh_data_dir / "train.jsonl.gz", skip_malformed=True)
-    dev = read_examples(hh_data_dir / "dev.jsonl.gz", skip_malformed=True)
-    assert (len(train.examples), train.skipped) == (1831, 4)
-    assert (len(dev.examples), dev.skipped) == (239, 1)
-    with pytest.raises(DataError, match=r"train\.jsonl\.gz:\d+: "):
-        read_examples(hh_data_dir / "train.jsonl.gz")
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "prompt_roles", "responses"),
+    [
+        # They part at an earlier assistant turn: that turn on is each response.
+        (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bread?\n\nAssistant: Knead it.",
+            "\n\nHuman: hi\n\nAssistant: hey\n\nHuman: bread?\n\nAssistant: Buy it.",
+            ["user"],
+            (
+                "hello\n\nHuman: bread?\n\nAssistant: Knead it.",
+                "hey\n\nHuman: bread?\n\nAssistant: Buy it.",
+            ),
+        ),
+        # They part at a human turn: the cut goes back to the last shared assistant turn.
+        (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bread?\n\nAssistant: Knead it.",
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: cake?\n\nAssistant: Bake it.",
+            ["user"],
+            (
+                "hello\n\nHuman: bread?\n\nAssistant: Knead it.",
+                "hello\n\nHuman: cake?\n\nAssistant: Bake it.",
+            ),
+        ),
+        # The shape of the real data's rows: one side has an extra assistant turn.
+        (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: key?\n\nAssistant: Here:"
+            "\n\nAssistant: 1234",
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: key?\n\nAssistant: No.",
+            ["user", "assistant", "user"],
+            ("Here:\n\nAssistant: 1234", "No."),
+        ),
+    ],
+)
+def test_hh_rows_that_part_early_keep_their_shared_turns_as_prompt(
+    tmp_path: Path, chosen: str, rejected: str, prompt_roles: list[str], responses: tuple[str]
+) -> None:
+    """TRL's extract_prompt (longest common prefix), cut at a turn boundary; each response
+    rendered after the prompt is its transcript byte for byte."""
+    row = {"chosen": chosen, "rejected": rejected}
+    result = read_examples(write_jsonl(tmp_path / "d.jsonl", [HH_ROW, row]))
+    assert (len(result.examples), result.parted, result.skipped) == (2, 1, 0)
+    example = result.examples[1]
+    assert example.parted
+    assert not result.examples[0].parted
+    assert [m.role for m in example.prompt] == prompt_roles
+    assert example.responses == responses
+    assert [r.text for r in example.rendered()] == [chosen, rejected]
+
+
+def test_real_data_reads_every_row(hh_data_dir: Path) -> None:
+    """The shipped HH files have 5 pairs whose transcripts part before their last turn: they
+    are read (and counted), not skipped."""
+    train = read_examples(hh_data_dir / "train.jsonl.gz")
+    dev = read_examples(hh_data_dir / "dev.jsonl.gz")
+    assert (len(train.examples), train.parted, train.skipped) == (1835, 4, 0)
+    assert (len(dev.examples), dev.parted, dev.skipped) == (240, 1, 0)
+    lines = [e.source.rsplit(":", 1)[1] for e in train.examples if e.parted]
+    assert lines == ["992", "1341", "1558", "1626"]
+    with gzip.open(hh_data_dir / "train.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    for example, row in zip(train.examples, rows, strict=True):
+        assert [r.text for r in example.rendered()] == [row["chosen"], row["rejected"]]
 
 
 def test_explicit_prompt_chosen_rejected_with_margin(tmp_path: Path) -> None:

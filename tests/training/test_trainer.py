@@ -159,7 +159,7 @@ def test_tiny_models_train_on_real_data(
         skip_malformed=True,
         limit=48,
     )
-    assert result.skipped == 0  # the 4 malformed rows come after row 48
+    assert (result.skipped, result.parted) == (0, 0)  # the 4 parted pairs come after row 48
     assert result.train_examples == 48
     # The loss on the training pairs goes down, and the weights changed.
     before = _fixed_batch_loss(base, examples)
