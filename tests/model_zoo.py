@@ -678,6 +678,7 @@ def _decoder_config(
     num_attention_heads: int = 2,
     num_key_value_heads: int = 1,
     intermediate_size: int = 64,
+    config_class: str | None = None,
 ) -> Any:
     ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in _named_tokens(family).items()}
     common: dict[str, Any] = {
@@ -722,8 +723,8 @@ def _decoder_config(
         }
     else:  # mistral
         extra = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "sliding_window": None}
-    config_class = getattr(_hf(), _CONFIG_CLASS[family])
-    return config_class(**common, **extra)
+    cls = getattr(_hf(), config_class or _CONFIG_CLASS[family])
+    return cls(**common, **extra)
 
 
 def _named_tokens(family: str) -> dict[str, str]:
@@ -752,10 +753,13 @@ def build_decoder(
     head: str = "score",
     seed: int = 0,
     max_position_embeddings: int = 2048,
+    config_class: str | None = None,
 ) -> Path:
     """Build a tiny random-weight decoder reward model of ``family`` into ``path`` (created if
     needed; returned). Hidden 32, 2 layers, 2 heads (1 KV head), vocab ~800-1100, fp32.
 
+    ``config_class`` swaps the architecture under the family's tokenizer and template, e.g.
+    ``"Qwen3Config"`` with ``"chatml"`` for a Skywork-Reward-V2-Qwen3-shaped model.
     ``num_labels=3`` gives a multi-objective head like ArmoRM's, with id2label
     helpfulness/correctness/coherence. ``head`` picks the saved layout (see the module
     docstring): ``"score"``, ``"value_head"`` (OpenRLHF), ``"v_head"`` (TRL) or ``"none"``
@@ -779,7 +783,11 @@ def build_decoder(
         template_in_config=family != "gemma",
     )
     config = _decoder_config(
-        family, tokenizer, num_labels=num_labels, max_position_embeddings=max_position_embeddings
+        family,
+        tokenizer,
+        num_labels=num_labels,
+        max_position_embeddings=max_position_embeddings,
+        config_class=config_class,
     )
     torch.manual_seed(seed)
     if head == "none":

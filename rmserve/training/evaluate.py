@@ -149,22 +149,22 @@ def evaluate_model(
         head = manifest.reward_head
         kind = "bundle"
     else:
+        from rmserve.training.checkpoint import load_checkpoint
         from rmserve.training.metadata import TrainingInfo
-        from rmserve.training.modeling import (
-            architecture_of,
-            default_max_length,
-            load_reward_model,
-            load_tokenizer,
-        )
+        from rmserve.training.modeling import architecture_of, default_max_length, load_tokenizer
         from rmserve.training.scoring import torch_scorer
+        from rmserve.training.text_path import choose_text_format
 
         if precision != "fp32":
             raise ValueError("--precision applies to bundles; a checkpoint is evaluated in fp32")
         info = TrainingInfo.read(root)
         tokenizer = load_tokenizer(str(root))
-        net = load_reward_model(str(root), pad_token_id=tokenizer.pad_token_id)
-        _, pooling = architecture_of(net)
-        fmt = info.text_format if info else TextFormat()
+        net = load_checkpoint(str(root)).model  # refuses a head that did not load
+        architecture, pooling = architecture_of(net)
+        # What export would choose: training's format, else the model's own chat template.
+        fmt, _ = choose_text_format(
+            "auto", tokenizer, architecture, info.text_format if info else None
+        )
         length = max_length or (info.max_length if info else default_max_length(net, tokenizer))
         pad_token_id = int(tokenizer.pad_token_id)
         encoder = PairEncoder(tokenizer.backend_tokenizer, length, fmt)

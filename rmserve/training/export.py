@@ -474,12 +474,14 @@ def _write_bundle(
                 step(f"{precision} variant: converting and checking decisions against fp32")
                 path = staging / VARIANT_FILES[precision]
                 convert(fp32_path, path)
-                scores = score_pairs(
-                    encoded, onnx_scorer(str(path)), pad_token_id, batch_size, head_index
-                )
+                scorer = onnx_scorer(str(path), _providers_for(precision))
+                scores = score_pairs(encoded, scorer, pad_token_id, batch_size, head_index)
                 parity[precision] = _decision_parity(
                     precision, fp32_scores, scores, min_agreement, max_accuracy_drop
                 )
+                if precision == "fp16":  # 1.0: measured on the GPU that will serve it
+                    on_cuda = "CUDAExecutionProvider" in _providers_for(precision)
+                    parity[precision]["checked_on_cuda"] = float(on_cuda)
     if normalization is None:
         normalization = Normalization(
             mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
@@ -524,6 +526,15 @@ def _write_bundle(
     )
     manifest.write(staging)
     return manifest
+
+
+def _providers_for(precision: str) -> list[str]:
+    """fp16 is checked on CUDA, the provider that will serve it, when this machine has it."""
+    import onnxruntime as ort
+
+    if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def _conversation(example: PreferenceExample) -> list[dict[str, str]]:

@@ -230,10 +230,7 @@ def certify_text_path(
     with torch.no_grad():
         expected = np.stack(
             [
-                model(**{k: torch.tensor([v]) for k, v in inputs.items()})
-                .logits[0]
-                .float()
-                .numpy()
+                model(**{k: torch.tensor([v]) for k, v in inputs.items()}).logits[0].float().numpy()
                 for inputs in theirs
             ]
         )  # (N, K)

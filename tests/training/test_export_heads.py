@@ -133,3 +133,17 @@ def test_an_unknown_reward_head_is_refused(tmp_path: Path) -> None:
     path = model_zoo.build_decoder(tmp_path / "armo", "chatml", num_labels=3)
     with pytest.raises(ExportError, match="is not one of"):
         export_bundle(path, tmp_path / "bundle", max_length=128, reward_head="honesty")
+
+
+@pytest.mark.parametrize(
+    ("family", "config_class"),
+    [("chatml", "Qwen3Config"), ("gemma", "GemmaConfig"), ("llama3", "LlamaConfig")],
+)
+def test_architectures_of_published_reward_models(
+    family: str, config_class: str, tmp_path: Path
+) -> None:
+    # Skywork-Reward-V2 ships Qwen3 and Llama classifiers; Gemma 1 and 2 differ in their norms.
+    path = model_zoo.build_decoder(tmp_path / "m", family, seed=7, config_class=config_class)
+    manifest = export_bundle(path, tmp_path / "bundle", max_length=256)
+    assert manifest.architecture.kind == "decoder"
+    assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - _reference_logits(path))) <= 1e-4
