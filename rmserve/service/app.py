@@ -53,9 +53,10 @@ TIMING_HEADERS = [
     "x-tokenization-time",
 ]
 
-DESCRIPTION = """Scores (prompt, response) pairs with a Bradley-Terry reward model exported to
-ONNX, batching items of concurrent requests together. Compatible with OpenRLHF's remote reward
-model (`/get_reward`) and vLLM's `/classify` as verl calls it."""
+DESCRIPTION = """Scores (prompt, response) pairs with a reward model exported to ONNX (one
+reward, or several heads such as a multi-objective model's), batching items of concurrent
+requests together. Compatible with OpenRLHF's remote reward model (`/get_reward`) and vLLM's
+`/classify` as verl calls it."""
 
 
 def create_app(
@@ -83,21 +84,24 @@ def create_app(
         max_batch_size = choose_batch_size(
             settings.max_batch_size, runtime.provider, settings.max_queue_items
         )
+        # A model the caller loaded was not checked against the settings: check it here.
+        max_batch_tokens = settings.batch_token_budget(loaded.max_length)
         batcher = Batcher(
             [functools.partial(runtime.run, instance=k) for k in range(runtime.instances)],
             pad_token_id=loaded.manifest.pad_token_id,
             max_batch_size=max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_items=settings.max_queue_items,
             max_padding_ratio=settings.max_padding_ratio,
+            num_heads=loaded.manifest.num_heads,
             on_batch=metrics.observe_batch,
             on_queue_change=metrics.set_queue_items,
         )
         batcher.start()
         batchers.append(batcher)
         if settings.warmup:
-            seconds = await asyncio.to_thread(runtime.warm_up, max_batch_size)
+            seconds = await asyncio.to_thread(runtime.warm_up, max_batch_size, loaded.max_length)
             logger.info("warm-up done", extra={"seconds": round(seconds, 3)})
         state.scorer = Scorer(loaded, batcher, settings)
         if state.draining:  # SIGTERM came while loading: never turn ready
@@ -112,7 +116,9 @@ def create_app(
                 "instances": info.instances,
                 "intra_op_threads": info.intra_op_threads,
                 "max_batch_size": max_batch_size,
-                "max_batch_tokens": settings.max_batch_tokens,
+                "max_batch_tokens": max_batch_tokens,
+                "max_length": loaded.max_length,
+                "labels": list(loaded.manifest.labels),
                 "max_wait_ms": settings.max_wait_ms,
                 "max_padding_ratio": settings.max_padding_ratio,
             },

@@ -23,6 +23,11 @@ under load, measured on 2 cores). The same rules pick the batch either way.
 Batches are right-padded with ``pad_token_id`` to their own longest item, with an attention
 mask, so an item's score does not depend on its neighbours.
 
+A model may have several heads (outputs per item, ``num_heads``): every item gets its row of
+``num_heads`` values. The model's answer must have one row per item of the batch; any other
+shape fails that batch's requests with :class:`InferenceError` (an item must never get its
+neighbour's row, nor wait forever for a row that never came).
+
 The queue is bounded: a request whose items do not fit raises :class:`QueueFullError` at once (the
 routes answer 429 with Retry-After) instead of growing memory.
 """
@@ -41,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from rmserve.service.runtime import head_rows
+
 __all__ = [
     "BatchStats",
     "Batcher",
@@ -53,6 +60,8 @@ __all__ = [
 logger = logging.getLogger("rmserve.service.batcher")
 
 IdArray = npt.NDArray[np.int64]
+ScoreRows = npt.NDArray[np.float32]  # (B, K): one row of K head values per item
+# (B, T) ids and mask -> (B, K), or (B,) for a model of one head.
 InferenceFn = Callable[[IdArray, IdArray], npt.NDArray[np.float32]]
 
 # A running batch and one queued behind it: the instance never waits for the event loop.
@@ -91,9 +100,19 @@ class BatchStats:
 
 @dataclass(frozen=True)
 class ScoredRequest:
-    scores: npt.NDArray[np.float32]  # (n,) in the order the sequences were given
+    head_scores: ScoreRows  # (n, K) in the order the sequences were given
     queue_s: float  # from submission until its last item's batch started
     inference_s: float  # summed time of the batches its items ran in
+
+    @property
+    def scores(self) -> npt.NDArray[np.float32]:
+        """(n,): the one head of a one-head model. A model of several heads has no single
+        score here (which head is the reward is the manifest's business): read head_scores."""
+        if self.head_scores.shape[1] != 1:
+            raise ValueError(
+                f"the model has {self.head_scores.shape[1]} heads; read head_scores, not scores"
+            )
+        return self.head_scores[:, 0]
 
 
 class _Request:
@@ -101,8 +120,8 @@ class _Request:
 
     __slots__ = ("enqueued_at", "future", "inference_s", "last_start", "remaining", "scores")
 
-    def __init__(self, n: int, future: asyncio.Future[None]):
-        self.scores = np.zeros(n, dtype=np.float32)  # (n,)
+    def __init__(self, n: int, num_heads: int, future: asyncio.Future[None]):
+        self.scores: ScoreRows = np.zeros((n, num_heads), dtype=np.float32)  # (n, K)
         self.remaining = n
         self.future = future
         self.enqueued_at = time.perf_counter()
@@ -133,11 +152,14 @@ class Batcher:
         max_wait_s: float,
         max_queue_items: int,
         max_padding_ratio: float = float("inf"),
+        num_heads: int = 1,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_change: Callable[[int], None] | None = None,
     ):
-        if max_batch_size < 1 or max_batch_tokens < 1 or max_queue_items < 1:
-            raise ValueError("max_batch_size, max_batch_tokens and max_queue_items must be >= 1")
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_queue_items < 1 or num_heads < 1:
+            raise ValueError(
+                "max_batch_size, max_batch_tokens, max_queue_items and num_heads must be >= 1"
+            )
         # One function per model instance, each called from its own worker thread only.
         self._infers = [infer] if callable(infer) else list(infer)
         if not self._infers:
@@ -148,6 +170,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
         self.max_padding_ratio = max_padding_ratio
+        self.num_heads = num_heads
         self._on_batch = on_batch
         self._on_queue_change = on_queue_change
         self._pending: list[_Item] = []  # arrival order; the oldest first
@@ -225,9 +248,9 @@ class Batcher:
         n = len(sequences)
         self.check_admission(n)
         if n == 0:
-            return ScoredRequest(np.zeros(0, dtype=np.float32), 0.0, 0.0)
+            return ScoredRequest(np.zeros((0, self.num_heads), dtype=np.float32), 0.0, 0.0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        request = _Request(n, future)
+        request = _Request(n, self.num_heads, future)
         self._pending.extend(_Item(ids, request, i) for i, ids in enumerate(sequences))
         self._idle.clear()
         self._queue_changed()
@@ -337,9 +360,13 @@ class Batcher:
 
     async def _run(self, batch: list[_Item], instance: int) -> None:
         """Run ``batch`` on ``instance`` and hand out its scores; the instance is free again
-        afterwards, whatever happened."""
+        afterwards, whatever happened, and no request of the batch is left waiting."""
         try:
             await self._run_on(batch, instance)
+        except Exception:
+            # A bug past the model call must not leave the batch's requests hanging.
+            logger.exception("handing out a batch's scores failed", extra={"items": len(batch)})
+            _fail(batch, InferenceError("scoring the batch failed; the server log has details"))
         finally:
             self._load[instance] -= 1
             task = asyncio.current_task()
@@ -350,6 +377,7 @@ class Batcher:
     async def _run_on(self, batch: list[_Item], instance: int) -> None:
         loop = asyncio.get_running_loop()
         try:
+            # The shape check runs in there too: a wrong answer fails the batch like an error.
             scores, stats = await loop.run_in_executor(
                 self._executors[instance],
                 self._pack_and_infer,
@@ -360,13 +388,13 @@ class Batcher:
             logger.exception("inference failed", extra={"batch_size": len(batch)})
             # The exception's text (ORT's carries node names and its source paths) goes to
             # the log only; the answer names the failure without the server's internals.
-            error = InferenceError(
-                f"the model failed on a batch of {len(batch)} items ({type(e).__name__}); "
-                "the server log has the details"
+            _fail(
+                batch,
+                InferenceError(
+                    f"the model failed on a batch of {len(batch)} items ({type(e).__name__}); "
+                    "the server log has the details"
+                ),
             )
-            for item in batch:
-                if not item.request.future.done():
-                    item.request.future.set_exception(error)
             return
         self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * stats.inference_s
         for item in batch:
@@ -385,8 +413,9 @@ class Batcher:
 
     def _pack_and_infer(
         self, infer: InferenceFn, sequences: list[IdArray]
-    ) -> tuple[npt.NDArray[np.float32], BatchStats]:
-        """Right-pad to the batch's own longest item and run the model (worker thread)."""
+    ) -> tuple[ScoreRows, BatchStats]:
+        """Right-pad to the batch's own longest item and run the model (worker thread);
+        (B, K) scores, or ModelOutputError when the model's answer has another shape."""
         started = time.perf_counter()
         lengths = np.fromiter((s.shape[0] for s in sequences), dtype=np.int64, count=len(sequences))
         batch, longest = len(sequences), int(lengths.max())
@@ -394,7 +423,7 @@ class Batcher:
         for row, ids in enumerate(sequences):
             input_ids[row, : ids.shape[0]] = ids
         attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
-        scores = infer(input_ids, attention_mask)  # (B,)
+        scores = head_rows(infer(input_ids, attention_mask), batch, self.num_heads)  # (B, K)
         stats = BatchStats(
             size=batch,
             padded_tokens=batch * longest,
@@ -403,3 +432,10 @@ class Batcher:
             started=started,
         )
         return scores, stats
+
+
+def _fail(batch: list[_Item], error: Exception) -> None:
+    """Give ``error`` to every request of ``batch`` still waiting."""
+    for item in batch:
+        if not item.request.future.done():
+            item.request.future.set_exception(error)

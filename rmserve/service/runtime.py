@@ -15,6 +15,11 @@ waiting for one another, and a thread the event loop or the tokenizer interrupts
 all. Measured on 2 cores (docs/performance.md): at batches of up to 8, two 1-thread sessions
 scored 4-32% more pairs per second than one 2-thread session. ORT releases the GIL while it
 runs.
+
+The model's output ``reward`` is [batch] for one head and [batch, K] for a model of K heads
+(the manifest's ``labels``). ``run`` always answers (B, K), K = 1 included, and checks the
+shape against the manifest: a model and manifest that disagree fail at load time, or fail the
+batch, instead of handing an item its neighbour's reward.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,23 +39,67 @@ from rmserve.manifest import BundleError, Manifest
 
 __all__ = [
     "AUTO_BATCH_SIZE",
+    "ModelOutputError",
     "ModelRuntime",
     "RuntimeConfigError",
     "choose_batch_size",
     "choose_instances",
     "choose_precision",
     "choose_provider",
+    "head_rows",
     "usable_cores",
 ]
 
 logger = logging.getLogger("rmserve.service.runtime")
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "reward"
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class RuntimeConfigError(ValueError):
     """A provider/precision request that this machine or this bundle cannot satisfy."""
+
+
+class ModelOutputError(RuntimeError):
+    """The model answered a batch with an output whose shape is not (batch, heads)."""
+
+
+def head_rows(output: Any, batch: int, num_heads: int) -> npt.NDArray[np.float32]:
+    """A model's output for a batch of ``batch`` items as (batch, num_heads) float32.
+
+    One head may come as (B,) (what rmserve exports) or (B, 1); K heads as (B, K). Anything
+    else is refused here rather than mis-assigned: a row too few would give one item its
+    neighbour's reward, or none at all."""
+    rows: npt.NDArray[np.float32] = np.asarray(output, dtype=np.float32)
+    if rows.ndim == 1 and num_heads == 1:
+        rows = rows.reshape(-1, 1)
+    if rows.shape != (batch, num_heads):
+        raise ModelOutputError(
+            f"the model returned an output of shape {tuple(rows.shape)} for a batch of {batch} "
+            f"items; the manifest lists {num_heads} head(s), so ({batch}, {num_heads}) was "
+            "expected. The bundle's model and its rmserve.json labels disagree; export the "
+            "bundle again"
+        )
+    return rows
+
+
+def check_output_shape(shape: Sequence[Any], manifest: Manifest, path: Path) -> None:
+    """Refuse at load time a model whose declared output cannot be the manifest's heads:
+    [batch] or [batch, 1] for one head, [batch, K] for K. Symbolic dims pass (checked per
+    batch by :func:`head_rows`)."""
+    k = manifest.num_heads
+    last = shape[-1] if len(shape) == 2 else None
+    fits = (len(shape) == 1 and k == 1) or (
+        len(shape) == 2 and (not isinstance(last, int) or last == k)
+    )
+    if not fits:
+        expected = "[batch]" if k == 1 else f"[batch, {k}]"
+        raise BundleError(
+            f"{path} outputs a tensor of shape {list(shape)}, but {manifest.model_name}'s "
+            f"rmserve.json lists {k} label(s) {list(manifest.labels)}, which needs {expected}; "
+            "export the bundle again so that the model and its labels agree"
+        )
 
 
 def choose_provider(requested: str, available: list[str]) -> str:
@@ -194,7 +244,11 @@ class ModelRuntime:
                 f"{self.path} has inputs {names}; a bundle model takes exactly "
                 f"{list(INPUT_NAMES)}; export the bundle again"
             )
-        self.output_name = first.get_outputs()[0].name
+        outputs = {o.name: o for o in first.get_outputs()}
+        output = outputs.get(OUTPUT_NAME, first.get_outputs()[0])
+        check_output_shape(list(output.shape), manifest, self.path)
+        self.output_name = output.name
+        self.num_heads = manifest.num_heads
         self.info = RuntimeInfo(
             model=manifest.model_name,
             precision=self.precision,
@@ -226,23 +280,20 @@ class ModelRuntime:
         attention_mask: npt.NDArray[np.int64],
         instance: int = 0,
     ) -> npt.NDArray[np.float32]:
-        """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B,) float32,
-        computed by session ``instance``."""
+        """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B, K) float32
+        (K = the manifest's heads, 1 included), computed by session ``instance``; raises
+        ModelOutputError when the model's output is not (B, K)."""
         (out,) = self.sessions[instance].run(
             [self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask}
         )
-        rewards: npt.NDArray[np.float32] = np.asarray(out, dtype=np.float32).reshape(-1)  # (B,)
-        if rewards.shape[0] != input_ids.shape[0]:
-            raise RuntimeError(
-                f"model returned {rewards.shape[0]} rewards for a batch of {input_ids.shape[0]}"
-            )
-        return rewards
+        return head_rows(out, int(input_ids.shape[0]), self.num_heads)
 
-    def warm_up(self, max_batch_size: int) -> float:
+    def warm_up(self, max_batch_size: int, max_length: int | None = None) -> float:
         """Run a few shapes on every instance so the first real requests do not pay for
-        allocations; seconds."""
+        allocations; seconds. ``max_length``: the tokens per item in force (default: the
+        bundle's)."""
         started = time.perf_counter()
-        length = min(self.manifest.max_length, 128)
+        length = min(max_length or self.manifest.max_length, 128)
         for instance in range(self.instances):
             for batch, seq in ((1, 8), (min(max_batch_size, 8), length), (1, length)):
                 ids = np.full((batch, seq), self.manifest.pad_token_id, dtype=np.int64)

@@ -3,6 +3,14 @@
 The ``/v1`` routes are strict (unknown fields are refused, so a typo is an error, not a
 silently ignored option). The compatibility routes ``/get_reward`` (OpenRLHF) and
 ``/classify`` (vLLM, as verl calls it) accept and ignore the other fields those projects send.
+
+Chat messages are checked only for shape here (a non-empty role, a string or a list of content
+parts): which roles and contents a conversation may have is the bundle's text format's call
+(the HH transcript knows system/user/assistant and plain text; a chat template decides
+itself), answered as a 422 ``invalid_item`` naming the item.
+
+A model of several heads (the manifest's ``labels``) answers ``scores`` with its reward head
+and adds ``head_scores`` and ``labels``; for a model of one head those two fields are absent.
 """
 
 from __future__ import annotations
@@ -42,10 +50,19 @@ _LAX = ConfigDict(extra="allow")
 
 
 class ChatMessage(BaseModel):
-    """One chat turn; other fields (``name``) are ignored."""
+    """One chat turn as OpenAI clients send it; other fields (``name``, ``tool_calls``) pass
+    through to a chat template, which may use them."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(
+        min_length=1,
+        description="The speaker; which roles work is the model's text format's call (the "
+        "HH transcript: system, user, assistant).",
+    )
+    content: str | list[dict[str, Any]] = Field(
+        description='The text, or a list of content parts ({"type": "text", "text": ...}) '
+        "for a chat template that reads them."
+    )
 
 
 class ScoreItem(BaseModel):
@@ -105,9 +122,23 @@ class ScoreRequest(BaseModel):
     )
 
 
+_HEAD_SCORES = Field(
+    default=None,
+    description="Models of several heads only: every head's raw value per item, in the order "
+    "of labels (never normalized). Absent for a model of one head.",
+)
+_LABELS = Field(
+    default=None,
+    description="Models of several heads only: the name of each head; scores is the "
+    "manifest's reward_head among them. Absent for a model of one head.",
+)
+
+
 class ScoreResponse(BaseModel):
     model: str
-    scores: list[float]
+    scores: list[float] = Field(description="The reward (head) of each item, in order.")
+    head_scores: list[list[float]] | None = _HEAD_SCORES
+    labels: list[str] | None = _LABELS
     truncated: list[bool]
     usage: Usage
 
@@ -147,6 +178,8 @@ class RankResponse(BaseModel):
     model: str
     ranking: list[RankedResponse] = Field(description="Best first.")
     scores: list[float] = Field(description="All scores, in request order.")
+    head_scores: list[list[float]] | None = _HEAD_SCORES
+    labels: list[str] | None = _LABELS
     truncated: list[bool]
     usage: Usage
 
@@ -160,6 +193,8 @@ class CompareResponse(BaseModel):
     model: str
     scores: list[float] = Field(description="[score of a, score of b]")
     p_a_preferred: float = Field(description="sigmoid(raw a - raw b): Bradley-Terry P(a > b).")
+    head_scores: list[list[float]] | None = _HEAD_SCORES
+    labels: list[str] | None = _LABELS
     truncated: list[bool]
     usage: Usage
 
@@ -193,22 +228,62 @@ class GetRewardResponse(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    """The subset of vLLM's /classify that verl sends; other fields are ignored."""
+    """The subset of vLLM's /classify that verl sends, and vLLM's chat form (one conversation
+    as ``messages``); other fields are ignored."""
 
     model_config = _LAX
     model: str | None = Field(default=None, description="Ignored: this server has one model.")
     # An empty list is refused (422) like an empty `items` or `query`, not answered with no data.
-    input: str | Annotated[list[str], Field(min_length=1)] = Field(
-        description="Rendered text(s) to score."
+    input: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None, description="Rendered text(s) to score; or give messages."
+    )
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
+        default=None,
+        description="One conversation whose last message (assistant) is scored, rendered "
+        "with the model's text format; instead of input.",
+    )
+    add_generation_prompt: bool = Field(
+        default=False,
+        description="Must stay false: a reward model scores a finished conversation.",
+    )
+    continue_final_message: bool = Field(
+        default=False,
+        description="Must stay false: the last message is scored as a finished response.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Must be absent (or the model's own): the model was exported and checked "
+        "with its own template.",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Ignored: the template renders with the model's defaults."
     )
     activation: bool | None = Field(
         default=None, description="vLLM < 0.11.2 name of use_activation."
     )
     use_activation: bool | None = Field(
         default=None,
-        description="Apply sigmoid to the reward (vLLM's default: true); false returns the "
-        "raw reward.",
+        description="Apply the activation (vLLM's default: true): sigmoid of the reward for a "
+        "model of one head, softmax over the heads for several; false returns raw values.",
     )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassifyRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of input (rendered text) or messages")
+        if self.messages is not None and self.add_generation_prompt:
+            raise ValueError(
+                "add_generation_prompt=true renders a conversation awaiting a reply, but a "
+                "reward model scores a finished one whose last message is the assistant "
+                "response; send add_generation_prompt false (the default)"
+            )
+        if self.messages is not None and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message=true renders the last message as unfinished, but a "
+                "reward model scores it as a finished response; send continue_final_message "
+                "false (the default)"
+            )
+        return self
 
     def activated(self) -> bool:
         if self.use_activation is not None:
@@ -217,8 +292,12 @@ class ClassifyRequest(BaseModel):
             return self.activation
         return True
 
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def items(self) -> list[ItemInput]:
+        """One item per input text, or the one conversation of ``messages``."""
+        if self.messages is not None:
+            return [ItemInput(messages=_dump(self.messages))]
+        texts = [self.input] if isinstance(self.input, str) else list(self.input or [])
+        return [ItemInput(text=text) for text in texts]
 
 
 class ClassifyData(BaseModel):
@@ -251,6 +330,10 @@ class ModelCard(BaseModel):
     owned_by: str = "rmserve"
     precision: str = Field(description="The variant running: fp32, int8 or fp16.")
     provider: str = Field(description="The ONNX Runtime provider: cpu or cuda.")
+    max_length: int = Field(
+        description="Tokens per item in force: the bundle's max_length, or RMSERVE_MAX_LENGTH "
+        "when set below it."
+    )
     manifest: dict[str, Any] = Field(description="The bundle manifest, without file hashes.")
 
 

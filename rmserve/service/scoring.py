@@ -1,8 +1,13 @@
 """The scoring core shared by all routes: items -> tokens -> batcher -> rewards.
 
 It maps every way an item can fail to its HTTP answer (:class:`ApiError`) so the routes stay
-small: too many items 413, an item too long or a response that cannot fit 422, a full queue
-429 with Retry-After, a draining server 503.
+small: too many items 413, an item too long, a response that cannot fit or an item the text
+format refuses (a chat template's ``raise_exception``) 422 naming the item, a full queue 429
+with Retry-After, a draining server 503. Such a failure is the request's own: items are checked
+before they are queued, so other requests in flight never see it.
+
+A model may have several heads (the manifest's ``labels``): a result carries every head, and
+``scores`` is the manifest's ``reward_head``, the number the routes call the reward.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class LoadedModel:
     runtime: ModelRuntime
     tokenizer: RequestTokenizer
 
+    @property
+    def max_length(self) -> int:
+        """Tokens per item in force: the bundle's max_length or RMSERVE_MAX_LENGTH below it."""
+        return self.tokenizer.max_length
+
     def close(self) -> None:
         self.tokenizer.close()
 
@@ -53,12 +63,7 @@ def check_bundle(settings: ServiceSettings) -> Manifest:
     if settings.bundle is None:
         raise ValueError("no bundle given: pass BUNDLE to `rmserve serve` or set RMSERVE_BUNDLE")
     manifest = load_bundle(settings.bundle)
-    if settings.max_batch_tokens < manifest.max_length:
-        raise ValueError(
-            f"max_batch_tokens ({settings.max_batch_tokens}) is below the bundle's max_length "
-            f"({manifest.max_length}); one long item would not fit a batch. Raise it to at "
-            f"least {manifest.max_length}"
-        )
+    settings.batch_token_budget(settings.item_max_length(manifest.max_length))
     return manifest
 
 
@@ -81,6 +86,7 @@ def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> L
         manifest,
         max_item_chars=settings.max_item_chars,
         threads=settings.tokenizer_threads,
+        max_length=settings.item_max_length(manifest.max_length),
     )
     return LoadedModel(settings.bundle, manifest, runtime, tokenizer)
 
@@ -94,7 +100,8 @@ def _refusal(e: QueueFullError | BatcherClosedError) -> ApiError:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    scores: npt.NDArray[np.float32]  # (n,) raw rewards, request order
+    scores: npt.NDArray[np.float32]  # (n,) raw rewards (the reward head), request order
+    head_scores: npt.NDArray[np.float32]  # (n, K) raw values of every head, request order
     truncated: list[bool]
     tokens: int
     tokenize_s: float
@@ -160,8 +167,10 @@ class Scorer:
             raise _refusal(e) from e
         except InferenceError as e:
             raise ApiError(500, "inference_error", str(e)) from e
+        heads = scored.head_scores  # (n, K)
         return ScoreResult(
-            scores=scored.scores,
+            scores=np.ascontiguousarray(heads[:, self.manifest.reward_head]),
+            head_scores=heads,
             truncated=encoded.truncated,
             tokens=encoded.tokens,
             tokenize_s=tokenize_s,

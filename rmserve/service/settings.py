@@ -17,10 +17,14 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MIN_API_KEY_LENGTH", "ServiceSettings"]
+__all__ = ["AUTO_MAX_BATCH_TOKENS", "MIN_API_KEY_LENGTH", "ServiceSettings"]
 
 # Shorter keys can be guessed; 16 characters of a random token is the floor we accept.
 MIN_API_KEY_LENGTH = 16
+
+# The token budget of a batch when max_batch_tokens is 0 (auto) and one item of the max_length
+# in force needs less: the fixed default before the budget followed the bundle.
+AUTO_MAX_BATCH_TOKENS = 16384
 
 PrecisionChoice = Literal["auto", "fp32", "int8", "fp16"]
 ProviderChoice = Literal["auto", "cpu", "cuda"]
@@ -84,11 +88,19 @@ class ServiceSettings(BaseSettings):
         description="Most items in one model batch; 0 = auto: 8 on CPU (larger batches cost "
         "more per pair there), 64 on CUDA.",
     )
+    max_length: int = Field(
+        default=0,
+        ge=0,
+        description="Most tokens per item, to serve below the bundle's max_length (memory, "
+        "latency): longer items lose prompt tokens from the left, as at the bundle's length; "
+        "0 = the bundle's max_length.",
+    )
     max_batch_tokens: int = Field(
-        default=16384,
-        ge=2,
-        description="Most padded tokens (items x longest item) in one model batch; must be at "
-        "least the bundle's max_length.",
+        default=0,
+        ge=0,
+        description="Most padded tokens (items x longest item) in one model batch; 0 = auto: "
+        f"the larger of {AUTO_MAX_BATCH_TOKENS} and the max_length in force. A value below "
+        "that max_length is refused.",
     )
     max_padding_ratio: float = Field(
         default=1.15,
@@ -159,7 +171,8 @@ class ServiceSettings(BaseSettings):
     compat_normalize: bool = Field(
         default=False,
         description="Normalize rewards (bundle mean/std) in the OpenRLHF /get_reward and "
-        "vLLM /classify routes, which have no per-request option.",
+        "vLLM /classify routes, which have no per-request option; /classify of a model of "
+        "several heads answers their softmax or raw values, never normalized.",
     )
 
     @field_validator("port", mode="before")
@@ -186,6 +199,11 @@ class ServiceSettings(BaseSettings):
                 )
             if any(c.isspace() for c in key):
                 raise ValueError("RMSERVE_API_KEYS holds a key with whitespace; keys are tokens")
+        if self.max_length == 1:
+            raise ValueError(
+                "max_length 1 leaves no room for a prompt and a response; set at least 2, or 0 "
+                "for the bundle's max_length"
+            )
         if self.max_batch_size and self.max_queue_items < self.max_batch_size:
             raise ValueError(
                 f"max_queue_items ({self.max_queue_items}) is below max_batch_size "
@@ -202,6 +220,36 @@ class ServiceSettings(BaseSettings):
                 "user; list the allowed origins explicitly"
             )
         return self
+
+    def item_max_length(self, bundle_max_length: int) -> int:
+        """The tokens per item in force for a bundle exported with ``bundle_max_length``.
+
+        Only lower than the bundle's: the model was exported and checked up to its own
+        max_length (a decoder's position embeddings or a template's budget may end there)."""
+        if self.max_length > bundle_max_length:
+            raise ValueError(
+                f"max_length ({self.max_length}, RMSERVE_MAX_LENGTH) is above the bundle's "
+                f"max_length ({bundle_max_length}), the longest input it was exported for; "
+                f"set at most {bundle_max_length}, or 0 for the bundle's"
+            )
+        return self.max_length or bundle_max_length
+
+    def batch_token_budget(self, max_length: int) -> int:
+        """The padded-token budget of a batch when items have up to ``max_length`` tokens.
+
+        Auto (0) grows with max_length so that a bundle of long items (32768 tokens) serves
+        with the defaults; an explicit budget below max_length is refused, since one item of
+        max_length would then never fit a batch."""
+        if not self.max_batch_tokens:
+            return max(AUTO_MAX_BATCH_TOKENS, max_length)
+        if self.max_batch_tokens < max_length:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) is below the max_length in force "
+                f"({max_length}); one item that long would never fit a batch. Raise "
+                f"RMSERVE_MAX_BATCH_TOKENS to at least {max_length} (or 0 for auto), or lower "
+                "RMSERVE_MAX_LENGTH"
+            )
+        return self.max_batch_tokens
 
     def api_key_list(self) -> list[str]:
         """The configured keys; empty when authentication is off."""

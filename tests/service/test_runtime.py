@@ -82,7 +82,9 @@ def test_every_instance_gives_the_same_rewards(tiny_encoder_bundle: Path) -> Non
     assert runtime.warm_up(4) > 0
 
 
-def test_runtime_rewards_have_one_value_per_row(tiny_decoder_bundle: Path) -> None:
+def test_runtime_rewards_have_one_row_per_item_and_one_column_per_head(
+    tiny_decoder_bundle: Path,
+) -> None:
     import numpy as np
 
     manifest = load_bundle(tiny_decoder_bundle)
@@ -92,7 +94,7 @@ def test_runtime_rewards_have_one_value_per_row(tiny_decoder_bundle: Path) -> No
     mask = np.zeros_like(ids)
     mask[:, :2] = 1
     rewards = runtime.run(ids, mask)
-    assert rewards.shape == (3,)
+    assert rewards.shape == (3, 1)  # (B, K): one head
     assert rewards.dtype == np.float32
     assert runtime.warm_up(4) > 0
 

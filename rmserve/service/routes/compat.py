@@ -6,8 +6,15 @@
   ``rewards`` (newer versions also ``scores`` and ``extra_logs``).
 - ``POST /classify``: the subset of vLLM's classification API that verl's reward loop calls:
   ``{"model", "input": str | [str], "activation" | "use_activation": false}``, reading
-  ``data[i].probs[-1]``. With activation (vLLM's default) the probability is the sigmoid of
-  the reward; without, the raw reward.
+  ``data[i].probs[-1]``, and vLLM's chat form ``{"messages": [...]}`` (one conversation,
+  rendered with the bundle's text format). As vLLM does for a sequence classifier: a model of
+  one head answers ``probs = [sigmoid(reward)]`` (``label`` null, as rmserve always has); a
+  model of K heads answers the softmax over its K logits, ``label`` naming the largest,
+  ``num_classes = K``; without activation the raw values. ``compat_normalize`` applies to
+  the one-head reward only: the bundle's statistics describe the reward head, not the logits
+  a softmax compares.
+
+OpenRLHF's ``rewards`` are the manifest's reward head, as ``/v1/score``'s ``scores``.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import time
 import uuid
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Response
 
+from rmserve.service.errors import ApiError
 from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     ClassifyData,
@@ -27,6 +36,7 @@ from rmserve.service.schemas import (
     GetRewardRequest,
     GetRewardResponse,
 )
+from rmserve.service.scoring import Scorer
 from rmserve.service.state import ScorerDep, StateDep
 from rmserve.service.tokenization import ItemInput
 
@@ -53,22 +63,73 @@ async def get_reward(
     return GetRewardResponse(rewards=values, scores=values, extra_logs={})
 
 
+def class_probs(logits: npt.NDArray[np.float64], activated: bool) -> npt.NDArray[np.float64]:
+    """vLLM's classify activation over (n, K) values: sigmoid for one class, softmax over
+    the classes for several; the values as they are without activation."""
+    if not activated:
+        return logits
+    if logits.shape[1] == 1:
+        # exp of a negative number only: no overflow for large rewards of either sign.
+        z = np.exp(-np.abs(logits))
+        out: npt.NDArray[np.float64] = np.where(logits >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+        return out
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    soft: npt.NDArray[np.float64] = shifted / shifted.sum(axis=1, keepdims=True)
+    return soft
+
+
+def _check_template(body: ClassifyRequest, scorer: Scorer) -> None:
+    """Refuse a chat_template other than the bundle's: scores of a conversation rendered
+    another way would not be what the model was exported and checked on."""
+    if body.chat_template is None:
+        return
+    own = getattr(scorer.manifest.text_format, "template", None)
+    if body.chat_template != own:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "chat_template: this server renders conversations with the bundle's own text "
+            "format only (the one the model was exported and checked with); leave "
+            "chat_template out",
+        )
+
+
 @router.post("/classify", summary="vLLM-compatible classify (verl)")
 async def classify(
     body: ClassifyRequest, response: Response, scorer: ScorerDep, state: StateDep
 ) -> ClassifyResponse:
-    """One class per input: ``probs = [sigmoid(reward)]``, or the raw reward without
-    activation."""
-    texts = body.texts()
-    result = await scorer.score([ItemInput(text=t) for t in texts], truncate_response=False)
-    scores = scorer.normalize(result.scores) if state.settings.compat_normalize else result.scores
-    if body.activated():
-        scores = (1.0 / (1.0 + np.exp(-scores.astype(np.float64)))).astype(np.float32)
+    """One entry per input (or for the conversation of ``messages``): ``probs`` the sigmoid
+    of the reward for a model of one head, the softmax over the heads for several, or the raw
+    values without activation."""
+    _check_template(body, scorer)
+    result = await scorer.score(body.items(), truncate_response=False)
+    labels = scorer.manifest.labels
+    if len(labels) == 1:
+        normalize = state.settings.compat_normalize
+        reward = scorer.normalize(result.scores) if normalize else result.scores
+        logits = reward.astype(np.float64)[:, None]  # (n, 1)
+    else:
+        logits = result.head_scores.astype(np.float64)  # (n, K)
+    probs = class_probs(logits, body.activated())
+    # Probabilities in float32 as vLLM's; raw values exactly as /v1/score gives them.
+    values: list[list[float]] = (
+        probs.astype(np.float32).tolist() if body.activated() else probs.tolist()
+    )
+    # The activations keep the order of the logits. One head has no class to name: label
+    # stays null there, as rmserve has always answered.
+    winners: list[str | None] = (
+        [labels[int(i)] for i in np.argmax(logits, axis=1)]
+        if len(labels) > 1
+        else [None] * len(values)
+    )
     response.headers.update(result.timing_headers())
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=scorer.manifest.model_name,
-        data=[ClassifyData(index=i, probs=[float(s)]) for i, s in enumerate(scores.tolist())],
+        data=[
+            ClassifyData(index=i, label=winners[i], probs=row, num_classes=len(labels))
+            for i, row in enumerate(values)
+        ],
         usage=ClassifyUsage(prompt_tokens=result.tokens, total_tokens=result.tokens),
     )

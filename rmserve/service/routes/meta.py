@@ -19,7 +19,8 @@ metrics_router = APIRouter(tags=["metrics"])
 
 @models_router.get("/v1/models", summary="The model served")
 async def models(state: StateDep) -> ModelsResponse:
-    """OpenAI-style model list; each card carries the bundle manifest (without hashes)."""
+    """OpenAI-style model list; each card carries the bundle manifest (without hashes: its
+    ``labels`` and ``reward_head`` say what the scores are) and the max_length in force."""
     if state.model is None:
         raise ApiError(503, "unavailable", "the model is still loading; retry shortly")
     runtime = state.model.runtime
@@ -30,6 +31,7 @@ async def models(state: StateDep) -> ModelsResponse:
                 created=state.created,
                 precision=runtime.precision,
                 provider=runtime.provider,
+                max_length=state.model.max_length,
                 manifest=state.model.manifest.public(),
             )
         ]

@@ -1,4 +1,10 @@
-"""``/v1/score``, ``/v1/rank``, ``/v1/compare``: rmserve's own scoring API."""
+"""``/v1/score``, ``/v1/rank``, ``/v1/compare``: rmserve's own scoring API.
+
+``scores`` is the reward: the manifest's reward head (normalized when asked). A model of
+several heads also answers ``head_scores`` (every head, raw) and ``labels``; for one head the
+two are left out of the JSON (``response_model_exclude_none``), so one-head answers are as
+before.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +24,22 @@ from rmserve.service.schemas import (
     ScoreResponse,
     Usage,
 )
+from rmserve.service.scoring import Scorer, ScoreResult
 from rmserve.service.state import ScorerDep
 
 __all__ = ["router", "sigmoid"]
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
+
+
+def _heads(
+    result: ScoreResult, scorer: Scorer
+) -> tuple[list[list[float]] | None, list[str] | None]:
+    """(head_scores, labels) of a model of several heads; None (left out) for one head."""
+    labels = scorer.manifest.labels
+    if len(labels) == 1:
+        return None, None
+    return result.head_scores.tolist(), list(labels)
 
 
 def sigmoid(x: float) -> float:
@@ -33,23 +50,26 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-@router.post("/v1/score", summary="Score items")
+@router.post("/v1/score", summary="Score items", response_model_exclude_none=True)
 async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> ScoreResponse:
     """Rewards of (prompt, response) pairs, conversations or rendered texts, in order."""
     result = await scorer.score(
         [item.to_input() for item in body.items], truncate_response=body.truncate_response
     )
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    head_scores, labels = _heads(result, scorer)
     response.headers.update(result.timing_headers())
     return ScoreResponse(
         model=scorer.manifest.model_name,
         scores=scores.tolist(),
+        head_scores=head_scores,
+        labels=labels,
         truncated=result.truncated,
         usage=Usage(tokens=result.tokens),
     )
 
 
-@router.post("/v1/rank", summary="Rank responses to one prompt")
+@router.post("/v1/rank", summary="Rank responses to one prompt", response_model_exclude_none=True)
 async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> RankResponse:
     """Responses to one prompt, best first (best-of-n, GRPO groups)."""
     result = await scorer.score(
@@ -60,17 +80,20 @@ async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> Rank
     order = np.argsort(-scores, kind="stable")
     if body.top_k is not None:
         order = order[: body.top_k]
+    head_scores, labels = _heads(result, scorer)
     response.headers.update(result.timing_headers())
     return RankResponse(
         model=scorer.manifest.model_name,
         ranking=[RankedResponse(index=int(i), score=float(scores[i])) for i in order],
         scores=scores.tolist(),
+        head_scores=head_scores,
+        labels=labels,
         truncated=result.truncated,
         usage=Usage(tokens=result.tokens),
     )
 
 
-@router.post("/v1/compare", summary="Compare two responses")
+@router.post("/v1/compare", summary="Compare two responses", response_model_exclude_none=True)
 async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -> CompareResponse:
     """Both rewards and the Bradley-Terry probability that ``a`` is preferred."""
     result = await scorer.score(
@@ -78,12 +101,15 @@ async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -
     )
     raw_a, raw_b = float(result.scores[0]), float(result.scores[1])
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    head_scores, labels = _heads(result, scorer)
     response.headers.update(result.timing_headers())
     return CompareResponse(
         model=scorer.manifest.model_name,
         scores=scores.tolist(),
         # The model was trained with P(a > b) = sigmoid(r_a - r_b) on raw rewards.
         p_a_preferred=sigmoid(raw_a - raw_b),
+        head_scores=head_scores,
+        labels=labels,
         truncated=result.truncated,
         usage=Usage(tokens=result.tokens),
     )
