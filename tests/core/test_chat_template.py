@@ -167,3 +167,31 @@ def test_strict_templates_refuse_non_alternating_roles(
     ]
     with pytest.raises(FormattingError, match="alternate"):
         render(conversation, model.format)
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml"])
+def test_a_response_that_alone_does_not_fit_is_never_cut_silently(
+    family: str, families: dict[str, Family], tmp_path: Path
+) -> None:
+    from rmserve.encoding import ResponseTooLongError
+
+    model = families[family]
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "bread and butter " * 40},
+    ]
+    rendered = render(conversation, model.format)
+    short = PairEncoder.from_file(_saved(model, tmp_path), 32, model.format)
+    with pytest.raises(ResponseTooLongError) as refused:
+        short.encode(rendered)
+    assert refused.value.response_tokens > 32
+    cut = short.encode(rendered, truncate_response=True)
+    assert cut.truncated
+    assert len(cut.ids) == 32
+    full = model.encoder.encode(rendered).ids
+    start = len(model.encoder.encode(render_text(rendered.text[: rendered.response_start])).ids)
+    if model.format.bos_text:  # BOS kept, then the response's start
+        assert cut.ids[0] == model.tokenizer.bos_token_id
+        assert cut.ids[1:] == full[start : start + 31]
+    else:
+        assert cut.ids == full[start : start + 32]

@@ -89,3 +89,53 @@ def test_parse_inverts_render(turns: list[tuple[str, str]], response: str) -> No
     parsed = parse_transcript(rendered.text)
     # Content ending in a prefix fragment can merge with the next prefix; render is stable.
     assert render(parsed).text == rendered.text
+
+
+def test_text_formats_round_trip_through_the_manifest_form() -> None:
+    from rmserve.formatting import (
+        ChatTemplateFormat,
+        TextFormat,
+        TextPairFormat,
+        text_format_from_dict,
+    )
+
+    formats = [
+        TextFormat(),
+        TextPairFormat(separator=" | "),
+        ChatTemplateFormat(
+            template="{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+            special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
+            bos_text="<s>",
+        ),
+    ]
+    for fmt in formats:
+        assert text_format_from_dict(fmt.to_dict()) == fmt
+    # Manifests of format version 1 had no kind: the transcript format.
+    assert text_format_from_dict({"user_prefix": "\n\nUser: "}) == TextFormat(
+        user_prefix="\n\nUser: "
+    )
+
+
+def test_caller_text_gets_the_templates_bos_once() -> None:
+    from rmserve.formatting import ChatTemplateFormat, render_text
+
+    fmt = ChatTemplateFormat(template="x", special_tokens={"bos_token": "<s>"}, bos_text="<s>")
+    assert render_text("<s>[INST] hi [/INST]ok", fmt).text == "<s>[INST] hi [/INST]ok"
+    stripped = render_text("[INST] hi [/INST]ok", fmt, response_start=17)
+    assert stripped.text == "<s>[INST] hi [/INST]ok"
+    assert stripped.text[stripped.response_start or 0 :] == "ok"  # the boundary moved with it
+    no_bos = ChatTemplateFormat(template="x", special_tokens={}, bos_text=None)
+    assert render_text("<|im_start|>user", no_bos).text == "<|im_start|>user"
+
+
+def test_text_pair_format_splits_prompt_and_response() -> None:
+    from rmserve.formatting import TextPairFormat
+
+    conversation = [
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "Bake bread?"),
+        Message("assistant", "Knead, rise, bake."),
+    ]
+    rendered = render(conversation, TextPairFormat())
+    assert (rendered.text, rendered.pair) == ("Hi\nHello\nBake bread?", "Knead, rise, bake.")

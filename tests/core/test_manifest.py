@@ -55,6 +55,15 @@ def test_missing_and_malformed(bundle_copy: Path, tmp_path: Path) -> None:
         ({"normalization": {"mean": 0, "std": 0, "n": 1, "reference": "x"}}, "std must be"),
         ({"variants": {}}, "must include 'fp32'"),
         ({"text_format": {"speaker": "x"}}, "unknown text_format fields"),
+        ({"text_format": {"kind": "jinja"}}, "unknown text_format kind 'jinja'"),
+        ({"text_format": {"kind": "chat_template", "template": ""}}, "template must be"),
+        (
+            {"text_format": {"kind": "chat_template", "template": "x", "special_tokens": [1]}},
+            "special_tokens must map names to strings",
+        ),
+        ({"labels": []}, "labels must be a non-empty list"),
+        ({"reward_head": 2}, "reward_head 2 is not one of the 1 outputs"),
+        ({"files": {"../escape": "0" * 64}}, "files must map file names inside the bundle"),
     ],
 )
 def test_bad_fields(bundle_copy: Path, changes: dict[str, object], problem: str) -> None:
@@ -72,3 +81,33 @@ def test_changed_model_file_is_refused(bundle_copy: Path) -> None:
     (bundle_copy / "model.int8.onnx").unlink()
     with pytest.raises(BundleError, match=r"missing model\.int8\.onnx"):
         load_bundle(bundle_copy, verify_hashes=False)
+
+
+def test_version_1_bundles_are_still_read(bundle_copy: Path) -> None:
+    # What rmserve wrote before chat templates, heads and external data files existed.
+    path = bundle_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    for key in ("labels", "reward_head", "files"):
+        data.pop(key)
+    data["format_version"] = 1
+    data["text_format"].pop("kind")
+    path.write_text(json.dumps(data))
+    manifest = load_bundle(bundle_copy)
+    assert manifest.labels == ("reward",)
+    assert manifest.reward_head == 0
+    assert manifest.text_format == load_bundle(bundle_copy).text_format
+
+
+def test_every_listed_file_is_hashed(bundle_copy: Path) -> None:
+    from rmserve.manifest import sha256_file
+
+    extra = bundle_copy / "model.onnx.data"
+    extra.write_bytes(b"weights")
+    _edit(bundle_copy, files={"model.onnx.data": sha256_file(extra)})
+    load_bundle(bundle_copy)
+    extra.write_bytes(b"weightz")
+    with pytest.raises(BundleError, match=r"model\.onnx\.data does not match its sha256"):
+        load_bundle(bundle_copy)
+    extra.unlink()
+    with pytest.raises(BundleError, match=r"missing model\.onnx\.data"):
+        load_bundle(bundle_copy)
