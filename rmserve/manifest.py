@@ -285,8 +285,8 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         )
 
     raw_variants = section("variants")
-    if "fp32" not in raw_variants:
-        raise fail("variants must include 'fp32' (model.onnx)")
+    if not raw_variants:
+        raise fail("variants must list at least one model file (fp32: model.onnx)")
     variants: dict[str, Variant] = {}
     for precision, raw in raw_variants.items():
         if precision not in VARIANT_FILES:

@@ -121,7 +121,14 @@ def choose_precision(requested: str, provider: str, manifest: Manifest) -> str:
     """The bundle variant to run for a requested ``auto|fp32|int8|fp16`` on ``provider``."""
     have = sorted(manifest.variants)
     if requested == "auto":
-        return "fp16" if provider == "cuda" and "fp16" in manifest.variants else "fp32"
+        if provider == "cuda" and "fp16" in manifest.variants:
+            return "fp16"
+        if "fp32" not in manifest.variants:  # exported with --dtype fp16: a GPU bundle
+            raise RuntimeConfigError(
+                f"the bundle has only {have} (exported with --dtype fp16), which runs on CUDA; "
+                "serve it on a GPU, or export the model with --dtype fp32 to serve it on CPU"
+            )
+        return "fp32"
     if requested not in manifest.variants:
         raise RuntimeConfigError(
             f"precision {requested} was asked for but the bundle has only {have}; export it "

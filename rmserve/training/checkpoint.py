@@ -4,7 +4,8 @@
 a classification head: it initialises a random one and logs a warning. A random head exported
 and served gives random rewards, and a parity check cannot see it (it compares the random head
 with itself). So export loads with ``output_loading_info`` and refuses, naming the weights,
-any checkpoint whose head is missing, newly initialised or only partly loaded.
+any checkpoint whose head (or any other weight, such as the pooler an encoder's classifier
+reads) is missing, newly initialised or only partly loaded.
 
 Heads under other names are mapped onto the architecture's head (``score`` for decoders,
 ``classifier`` for encoders) with transformers' ``key_mapping``:
@@ -63,18 +64,18 @@ def _load(source: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs: An
     )
 
 
-def _head_problems(head: str, info: dict[str, Any]) -> list[str]:
-    """Weights of the head that were not in the checkpoint, or checkpoint weights meant for
-    the head that the architecture has no place for (a bias the head lacks)."""
-    prefix = f"{head}."
-    missing = [k for k in info.get("missing_keys", []) if k.startswith(prefix)]
-    unexpected = [k for k in info.get("unexpected_keys", []) if k.startswith(prefix)]
-    mismatched = [
-        str(item[0] if isinstance(item, (tuple, list)) else item)
-        for item in info.get("mismatched_keys", [])
-        if str(item[0] if isinstance(item, (tuple, list)) else item).startswith(prefix)
-    ]
-    problems = [f"{k} (missing from the checkpoint: newly initialised)" for k in sorted(missing)]
+def _loading_problems(head: str, info: dict[str, Any]) -> list[str]:
+    """Weights the checkpoint did not provide (newly initialised: the head, or a pooler the
+    classifier reads), weights of another shape, and checkpoint weights meant for the head
+    that the architecture has no place for (a bias the head lacks)."""
+
+    def name(item: Any) -> str:
+        return str(item[0] if isinstance(item, (tuple, list)) else item)
+
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = [k for k in info.get("unexpected_keys", []) if k.startswith(f"{head}.")]
+    mismatched = [name(item) for item in info.get("mismatched_keys", [])]
+    problems = [f"{k} (missing from the checkpoint: newly initialised)" for k in missing]
     problems += [f"{k} (in the checkpoint, no place for it in the head)" for k in unexpected]
     problems += [f"{k} (shape differs from the checkpoint)" for k in mismatched]
     return problems
@@ -109,7 +110,7 @@ def load_checkpoint(
     model, info = _load(source, dtype, trust_remote_code)
     head = _head_attribute(model)
     mapped_from = head_name
-    if mapped_from is None and _head_problems(head, info):
+    if mapped_from is None and _loading_problems(head, info):
         mapped_from = _guess_head_name(model, info)
     if mapped_from is not None and mapped_from != head:
         key_mapping = {f"^{re.escape(mapped_from)}\\.": f"{head}."}
@@ -117,7 +118,7 @@ def load_checkpoint(
         if f"{head}.bias" in info.get("unexpected_keys", []):
             _add_bias(model, head, _checkpoint_tensor(source, f"{mapped_from}.bias"))
             info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k != f"{head}.bias"]
-    problems = _head_problems(head, info)
+    problems = _loading_problems(head, info)
     if problems:
         raise HeadError(_refusal(source, model, head, mapped_from, problems, info))
     return LoadedCheckpoint(model=model, head=head, mapped_from=mapped_from)
@@ -170,8 +171,8 @@ def _refusal(
     info: dict[str, Any],
 ) -> str:
     lines = [
-        f"{source}: the reward head of {type(model).__name__} did not load, so export would "
-        "serve random rewards:",
+        f"{source}: weights of {type(model).__name__} did not load (the reward head or what "
+        "it reads), so export would serve random rewards:",
         *(f"  - {p}" for p in problems),
     ]
     if mapped_from:

@@ -137,9 +137,11 @@ def evaluate_model(
     if (root / MANIFEST_NAME).is_file():
         manifest = load_bundle(root)
         if precision not in manifest.variants:
+            flag = "--dtype fp32" if precision == "fp32" else f"--{precision}"
             raise ValueError(
                 f"bundle {root} has no {precision} variant (it has "
-                f"{', '.join(sorted(manifest.variants))}); export it with --{precision}"
+                f"{', '.join(sorted(manifest.variants))}); pass --precision with one of "
+                f"those, or export it with {flag}"
             )
         fmt: AnyTextFormat = manifest.text_format
         length = max_length or manifest.max_length

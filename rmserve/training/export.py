@@ -27,6 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,12 +53,19 @@ from rmserve.manifest import (
     Manifest,
     Normalization,
     Pooling,
+    Precision,
     Variant,
     sha256_file,
 )
 from rmserve.training.checkpoint import HeadError, load_checkpoint
 from rmserve.training.data import PreferenceExample
-from rmserve.training.evaluate import PairScores, encode_examples, pair_metrics, score_pairs
+from rmserve.training.evaluate import (
+    EncodedExamples,
+    PairScores,
+    encode_examples,
+    pair_metrics,
+    score_pairs,
+)
 from rmserve.training.metadata import TrainingInfo
 from rmserve.training.modeling import (
     RewardModel,
@@ -66,7 +74,7 @@ from rmserve.training.modeling import (
     load_tokenizer,
 )
 from rmserve.training.onnx_files import data_file, gather_external_data, save_model
-from rmserve.training.scoring import onnx_scorer, pad_batch
+from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
 from rmserve.training.text_path import (
     TextFormatChoice,
     certificate_conversations,
@@ -157,24 +165,26 @@ def _parity_texts(
     return rows
 
 
-def _fp32_parity(
+def _graph_parity(
     wrapper: RewardModel,
-    onnx_path: Path,
+    scorer: BatchScorer,
     rows: Sequence[Sequence[int]],
     pad_token_id: int,
     tolerance: float,
+    precision: str,
 ) -> float:
     """Max |torch - ORT| over one right-padded batch of all rows at once (mixed lengths)."""
     input_ids, mask = pad_batch(rows, pad_token_id)
     with torch.no_grad():
         expected = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
-    actual = onnx_scorer(str(onnx_path))(input_ids, mask)
+    actual = scorer(input_ids, mask)
     diff = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
     if not diff <= tolerance:
         raise ExportError(
-            f"fp32 parity failed: max |torch - onnxruntime| = {diff:.3g} > {tolerance:.1g} on a "
-            f"padded batch of {len(rows)} sequences of lengths {sorted(len(r) for r in rows)}; "
-            "the ONNX graph does not compute what the checkpoint does"
+            f"{precision} parity failed: max |torch - onnxruntime| = {diff:.3g} > "
+            f"{tolerance:.1g} on a padded batch of {len(rows)} sequences of lengths "
+            f"{sorted(len(r) for r in rows)}; the ONNX graph does not compute what the "
+            "checkpoint does"
         )
     return diff
 
@@ -276,12 +286,51 @@ def _move_into_place(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything export decided before it writes: the model, its text path, the variants."""
+
+    source: str
+    tokenizer: Any
+    model: Any
+    pooling: Pooling
+    text_format: AnyTextFormat
+    max_length: int
+    pad_token_id: int
+    labels: tuple[str, ...]
+    reward_head: int
+    info: TrainingInfo | None
+    eval_pairs: Sequence[PreferenceExample] | None
+    eval_data: str | None
+    dtype: Precision  # the precision of the exported graph: fp32, or fp16 (--dtype fp16)
+    extra_variants: tuple[Precision, ...]  # int8 / fp16 converted from the fp32 graph
+    model_name: str
+    exporter: Literal["torchscript", "dynamo"]
+    opset: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """The bounds of export's checks (the defaults of export_bundle and the CLI)."""
+
+    tolerance: float  # max |torch - onnxruntime| of the exported graph
+    min_agreement: float  # int8/fp16 variants: decisions equal to fp32's
+    max_accuracy_drop: float  # int8/fp16 variants: accuracy lost against fp32
+
+
+# torch's fp16 on CPU and onnxruntime's fp16 kernels round differently: a graph exported in
+# half precision is checked against torch in half precision to this bound.
+FP16_TOLERANCE = 2e-2
+
+
 def export_bundle(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
     *,
     int8: bool = False,
     fp16: bool = False,
+    dtype: Literal["fp32", "fp16"] = "fp32",
     eval_pairs: Sequence[PreferenceExample] | None = None,
     eval_data: str | None = None,
     max_length: int | None = None,
@@ -305,86 +354,45 @@ def export_bundle(
     section and the int8/fp16 decision checks; without them, int8/fp16 need the eval set that
     training recorded in ``rmserve_training.json``. ``max_length`` defaults to what training
     used, else what the model supports; the text format to what training used, else the
-    model's chat template (:func:`choose_text_format`). Raises :class:`ExportError` with the
-    numbers when a check fails, and then leaves ``out_dir`` as it was.
+    model's chat template (:func:`choose_text_format`). ``dtype="fp16"`` loads the weights in
+    half precision (never a full fp32 copy) and writes a bundle of one fp16 variant, for
+    CUDA. Raises :class:`ExportError` with the numbers when a check fails, and then leaves
+    ``out_dir`` as it was.
     """
-    say = progress or _silent
-    source = str(checkpoint_dir)
-    out = Path(out_dir)
-    info = TrainingInfo.read(source) if Path(source).is_dir() else None
     started = time.perf_counter()
 
     def step(message: str) -> None:
-        say(f"[{time.perf_counter() - started:7.1f} s] {message}")
+        (progress or _silent)(f"[{time.perf_counter() - started:7.1f} s] {message}")
 
-    step(f"loading {source}")
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    try:
-        loaded = load_checkpoint(source, head_name=head_name, trust_remote_code=trust_remote_code)
-    except HeadError as e:
-        raise ExportError(str(e)) from e
-    model = loaded.model
-    model.train(False)  # eval mode: dropout off (the traced graph keeps whatever mode it sees)
-    kind, pooling = architecture_of(model)
-    labels = _labels(model.config)
-    head_index = _reward_head(labels, reward_head)
-    if text_format is not None:
-        fmt: AnyTextFormat = text_format
-        why = "given"
-    else:
-        try:
-            fmt, why = choose_text_format(
-                text_format_choice, tokenizer, kind, info.text_format if info else None
-            )
-        except ValueError as e:
-            raise ExportError(str(e)) from e
-    length = max_length or (info.max_length if info else None)
-    length = length or default_max_length(model, tokenizer)
-    pad_token_id = int(tokenizer.pad_token_id)
-    head_note = f", head mapped from {loaded.mapped_from}" if loaded.mapped_from else ""
-    step(
-        f"{kind} {model.config.model_type}, {model.num_parameters():,} parameters, "
-        f"{len(labels)} head(s){head_note}; text format: {why}; max_length {length}"
-    )
-
-    if (int8 or fp16) and eval_pairs is None and info is not None and info.eval_data:
-        from rmserve.training.data import read_examples
-
-        eval_data = info.eval_data
-        eval_pairs = read_examples(eval_data).examples
-    if (int8 or fp16) and not eval_pairs:
+    if dtype == "fp16" and (int8 or fp16):
         raise ExportError(
-            "the int8/fp16 checks compare pairwise decisions with fp32 on eval pairs, and none "
-            "were given; pass --eval-data FILE (or train with --eval-data so that the "
-            "checkpoint records it)"
+            "--dtype fp16 exports the fp16 graph itself; --int8 and --fp16 convert an fp32 "
+            "graph: export with --dtype fp32 for those variants"
         )
-
+    out = Path(out_dir)
+    plan = _plan(
+        str(checkpoint_dir),
+        step,
+        dtype=dtype,
+        extra_variants=_extra_variants(int8=int8, fp16=fp16),
+        eval_pairs=eval_pairs,
+        eval_data=eval_data,
+        max_length=max_length,
+        model_name=model_name or out.resolve().name,
+        text_format=text_format,
+        text_format_choice=text_format_choice,
+        head_name=head_name,
+        reward_head=reward_head,
+        trust_remote_code=trust_remote_code,
+        exporter=exporter,
+        opset=opset,
+        batch_size=batch_size,
+    )
+    tolerance = fp32_tolerance if dtype == "fp32" else max(fp32_tolerance, FP16_TOLERANCE)
+    checks = _Checks(tolerance, min_agreement, max_accuracy_drop)
     staging = _staging_dir(out)
     try:
-        manifest = _write_bundle(
-            staging,
-            tokenizer=tokenizer,
-            model=model,
-            pooling=pooling,
-            fmt=fmt,
-            length=length,
-            pad_token_id=pad_token_id,
-            labels=labels,
-            head_index=head_index,
-            info=info,
-            eval_pairs=eval_pairs,
-            eval_data=eval_data,
-            variants_wanted={"int8": int8, "fp16": fp16},
-            model_name=model_name or out.resolve().name,
-            base_model=info.base_model if info else source,
-            exporter=exporter,
-            opset=opset,
-            fp32_tolerance=fp32_tolerance,
-            min_agreement=min_agreement,
-            max_accuracy_drop=max_accuracy_drop,
-            batch_size=batch_size,
-            step=step,
-        )
+        manifest = _write_bundle(staging, plan, checks, step)
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -393,101 +401,217 @@ def export_bundle(
     return manifest
 
 
-def _write_bundle(
-    staging: Path,
+def _extra_variants(*, int8: bool, fp16: bool) -> tuple[Precision, ...]:
+    wanted: list[Precision] = []
+    if int8:
+        wanted.append("int8")
+    if fp16:
+        wanted.append("fp16")
+    return tuple(wanted)
+
+
+def _plan(
+    source: str,
+    step: Callable[[str], None],
     *,
-    tokenizer: Any,
-    model: Any,
-    pooling: Pooling,
-    fmt: AnyTextFormat,
-    length: int,
-    pad_token_id: int,
-    labels: tuple[str, ...],
-    head_index: int,
-    info: TrainingInfo | None,
+    dtype: Literal["fp32", "fp16"],
+    extra_variants: tuple[Precision, ...],
     eval_pairs: Sequence[PreferenceExample] | None,
     eval_data: str | None,
-    variants_wanted: dict[str, bool],
+    max_length: int | None,
     model_name: str,
-    base_model: str,
+    text_format: AnyTextFormat | None,
+    text_format_choice: TextFormatChoice,
+    head_name: str | None,
+    reward_head: int | str,
+    trust_remote_code: bool,
     exporter: Literal["torchscript", "dynamo"],
     opset: int,
-    fp32_tolerance: float,
-    min_agreement: float,
-    max_accuracy_drop: float,
     batch_size: int,
-    step: Callable[[str], None],
-) -> Manifest:
-    tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_NAME))
-    encoder = PairEncoder.from_file(str(staging / TOKENIZER_NAME), length, fmt)
-
-    # An encoder scored on text pairs learnt segment ids (token_type_ids) for the answer:
-    # the graph derives them from the separator, so the bundle keeps its two inputs.
-    uses_segments = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-    separator = (
-        tokenizer.sep_token_id if isinstance(fmt, TextPairFormat) and uses_segments else None
+) -> _Plan:
+    """Load the checkpoint and decide the text path, the length and the heads."""
+    info = TrainingInfo.read(source) if Path(source).is_dir() else None
+    step(f"loading {source} ({dtype})")
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    try:
+        loaded = load_checkpoint(
+            source, head_name=head_name, trust_remote_code=trust_remote_code, dtype=torch_dtype
+        )
+    except HeadError as e:
+        raise ExportError(str(e)) from e
+    model = loaded.model
+    model.train(False)  # eval mode: dropout off (the traced graph keeps whatever mode it sees)
+    kind, pooling = architecture_of(model)
+    labels = _labels(model.config)
+    why = "given"
+    if text_format is None:
+        try:
+            text_format, why = choose_text_format(
+                text_format_choice, tokenizer, kind, info.text_format if info else None
+            )
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    length = max_length or (info.max_length if info else None)
+    length = length or default_max_length(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise ExportError(
+            f"--max-length {length} exceeds the {positions} positions of {source}; pass "
+            f"--max-length {positions} or less"
+        )
+    head_note = f", head mapped from {loaded.mapped_from}" if loaded.mapped_from else ""
+    step(
+        f"{kind} {model.config.model_type}, {model.num_parameters():,} parameters, "
+        f"{len(labels)} head(s){head_note}; text format: {why}; max_length {length}"
     )
-    wrapper = RewardModel(model, pooling, pair_separator_id=separator).eval()
-    fp32_path = staging / VARIANT_FILES["fp32"]
-    step(f"tracing the model to ONNX ({exporter} exporter, opset {opset})")
-    export_onnx(wrapper, fp32_path, exporter=exporter, opset=opset)
+    if extra_variants and eval_pairs is None and info is not None and info.eval_data:
+        from rmserve.training.data import read_examples
 
-    step("fp32 parity: torch against onnxruntime on a padded batch of mixed lengths")
-    rows = _parity_texts(encoder, fmt)
-    encoded = encode_examples(eval_pairs, encoder, fmt) if eval_pairs else None
+        eval_data = info.eval_data
+        eval_pairs = read_examples(eval_data).examples
+    if extra_variants and not eval_pairs:
+        raise ExportError(
+            "the int8/fp16 checks compare pairwise decisions with fp32 on eval pairs, and none "
+            "were given; pass --eval-data FILE (or train with --eval-data so that the "
+            "checkpoint records it)"
+        )
+    return _Plan(
+        source=source,
+        tokenizer=tokenizer,
+        model=model,
+        pooling=pooling,
+        text_format=text_format,
+        max_length=length,
+        pad_token_id=int(tokenizer.pad_token_id),
+        labels=labels,
+        reward_head=_reward_head(labels, reward_head),
+        info=info,
+        eval_pairs=eval_pairs,
+        eval_data=eval_data,
+        dtype=dtype,
+        extra_variants=extra_variants,
+        model_name=model_name,
+        exporter=exporter,
+        opset=opset,
+        batch_size=batch_size,
+    )
+
+
+def _write_bundle(
+    staging: Path, plan: _Plan, checks: _Checks, step: Callable[[str], None]
+) -> Manifest:
+    """Write every file of the bundle into ``staging``, checking as it goes; the manifest last."""
+    plan.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_NAME))
+    encoder = PairEncoder.from_file(
+        str(staging / TOKENIZER_NAME), plan.max_length, plan.text_format
+    )
+    graph = staging / VARIANT_FILES[plan.dtype]
+    wrapper = _wrapper(plan)
+    step(f"tracing the model to ONNX ({plan.exporter} exporter, opset {plan.opset})")
+    export_onnx(wrapper, graph, exporter=plan.exporter, opset=plan.opset)
+
+    step(f"{plan.dtype} parity: torch against onnxruntime on a padded batch of mixed lengths")
+    rows = _parity_texts(encoder, plan.text_format)
+    encoded = (
+        encode_examples(plan.eval_pairs, encoder, plan.text_format) if plan.eval_pairs else None
+    )
     if encoded is not None:
         # A slice of real eval texts joins the synthetic ones: real lengths, real vocabulary.
         rows += encoded.ids[:: max(1, len(encoded.ids) // 16)]
-    fp32_diff = _fp32_parity(wrapper, fp32_path, rows, pad_token_id, fp32_tolerance)
-    parity: dict[str, dict[str, float]] = {"fp32": {"max_abs_diff": fp32_diff}}
+    scorer = _graph_scorer(graph, plan.dtype)
+    diff = _graph_parity(wrapper, scorer, rows, plan.pad_token_id, checks.tolerance, plan.dtype)
+    parity: dict[str, dict[str, float]] = {plan.dtype: {"max_abs_diff": diff}}
 
     step("text-path parity: conversations through the bundle against transformers")
     conversations = certificate_conversations(
-        [_conversation(e) for e in eval_pairs] if eval_pairs else []
+        [_conversation(e) for e in plan.eval_pairs] if plan.eval_pairs else []
     )
     try:
         certificate = certify_text_path(
             conversations,
-            text_format=fmt,
+            text_format=plan.text_format,
             encoder=encoder,
-            tokenizer=tokenizer,
-            model=model,
-            scorer=onnx_scorer(str(fp32_path)),
-            pad_token_id=pad_token_id,
-            tolerance=fp32_tolerance,
+            tokenizer=plan.tokenizer,
+            model=plan.model,
+            scorer=scorer,
+            pad_token_id=plan.pad_token_id,
+            tolerance=checks.tolerance,
         )
     except ValueError as e:
         raise ExportError(str(e)) from e
-    parity["fp32"] |= certificate.as_parity()
+    parity[plan.dtype] |= certificate.as_parity()
+    if plan.dtype == "fp16":
+        parity["fp16"]["checked_on_cuda"] = float(_on_cuda("fp16"))
 
-    evaluation = info.evaluation if info else None
-    normalization = info.normalization if info else None
+    evaluation = plan.info.evaluation if plan.info else None
+    normalization = plan.info.normalization if plan.info else None
     if encoded is not None:
         step(f"evaluating on {len(encoded.winners)} eval pairs")
-        fp32_scores = score_pairs(
-            encoded, onnx_scorer(str(fp32_path)), pad_token_id, batch_size, head_index
+        reference = score_pairs(
+            encoded, scorer, plan.pad_token_id, plan.batch_size, plan.reward_head
         )
-        evaluation = _evaluation(fp32_scores, eval_data)
-        normalization = normalization or _normalization(fp32_scores)
-        for precision, convert in (("int8", _quantize_int8), ("fp16", _convert_fp16)):
-            if variants_wanted[precision]:
-                step(f"{precision} variant: converting and checking decisions against fp32")
-                path = staging / VARIANT_FILES[precision]
-                convert(fp32_path, path)
-                scorer = onnx_scorer(str(path), _providers_for(precision))
-                scores = score_pairs(encoded, scorer, pad_token_id, batch_size, head_index)
-                parity[precision] = _decision_parity(
-                    precision, fp32_scores, scores, min_agreement, max_accuracy_drop
-                )
-                if precision == "fp16":  # 1.0: measured on the GPU that will serve it
-                    on_cuda = "CUDAExecutionProvider" in _providers_for(precision)
-                    parity[precision]["checked_on_cuda"] = float(on_cuda)
+        evaluation = _evaluation(reference, plan.eval_data)
+        normalization = normalization or _normalization(reference)
+        for precision in plan.extra_variants:
+            step(f"{precision} variant: converting and checking decisions against fp32")
+            parity[precision] = _variant(
+                staging, graph, precision, encoded, reference, plan, checks
+            )
     if normalization is None:
         normalization = Normalization(
             mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
         )
-
     step("hashing every file of the bundle")
+    manifest = _manifest(staging, plan, parity, evaluation, normalization)
+    manifest.write(staging)
+    return manifest
+
+
+def _wrapper(plan: _Plan) -> RewardModel:
+    # An encoder scored on text pairs learnt segment ids (token_type_ids) for the answer:
+    # the graph derives them from the separator, so the bundle keeps its two inputs.
+    uses_segments = int(getattr(plan.model.config, "type_vocab_size", 0) or 0) > 1
+    pairs = isinstance(plan.text_format, TextPairFormat) and uses_segments
+    separator = plan.tokenizer.sep_token_id if pairs else None
+    return RewardModel(plan.model, plan.pooling, pair_separator_id=separator).eval()
+
+
+def _graph_scorer(path: Path, precision: str) -> BatchScorer:
+    if precision == "fp32":
+        return onnx_scorer(str(path))
+    return onnx_scorer(str(path), _providers_for(precision))
+
+
+def _variant(
+    staging: Path,
+    graph: Path,
+    precision: Precision,
+    encoded: EncodedExamples,
+    reference: PairScores,
+    plan: _Plan,
+    checks: _Checks,
+) -> dict[str, float]:
+    """Convert the fp32 graph to ``precision`` and check its decisions on the eval pairs."""
+    path = staging / VARIANT_FILES[precision]
+    (_quantize_int8 if precision == "int8" else _convert_fp16)(graph, path)
+    scorer = _graph_scorer(path, precision)
+    scores = score_pairs(encoded, scorer, plan.pad_token_id, plan.batch_size, plan.reward_head)
+    numbers = _decision_parity(
+        precision, reference, scores, checks.min_agreement, checks.max_accuracy_drop
+    )
+    if precision == "fp16":  # 1.0: measured on the GPU that will serve it
+        numbers["checked_on_cuda"] = float(_on_cuda(precision))
+    return numbers
+
+
+def _manifest(
+    staging: Path,
+    plan: _Plan,
+    parity: dict[str, dict[str, float]],
+    evaluation: Evaluation | None,
+    normalization: Normalization,
+) -> Manifest:
     variants = {
         precision: Variant(
             file=VARIANT_FILES[precision],
@@ -498,34 +622,37 @@ def _write_bundle(
         for precision, numbers in parity.items()
     }
     named = {TOKENIZER_NAME, *(v.file for v in variants.values())}
-    manifest = Manifest(
+    kind, pooling = architecture_of(plan.model)
+    return Manifest(
         format_version=FORMAT_VERSION,
-        model_name=model_name,
-        base_model=base_model,
+        model_name=plan.model_name,
+        base_model=plan.info.base_model if plan.info else plan.source,
         architecture=Architecture(
-            kind=architecture_of(model)[0], model_type=model.config.model_type, pooling=pooling
+            kind=kind, model_type=plan.model.config.model_type, pooling=pooling
         ),
-        max_length=length,
-        pad_token_id=pad_token_id,
+        max_length=plan.max_length,
+        pad_token_id=plan.pad_token_id,
         padding_side="right",
         truncation="prompt_left",
-        text_format=fmt,
+        text_format=plan.text_format,
         normalization=normalization,
         evaluation=evaluation,
         variants=variants,
         tokenizer_sha256=sha256_file(staging / TOKENIZER_NAME),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         rmserve_version=__version__,
-        labels=labels,
-        reward_head=head_index,
+        labels=plan.labels,
+        reward_head=plan.reward_head,
         files={
             p.name: sha256_file(p)
             for p in sorted(staging.iterdir())
             if p.is_file() and p.name not in named
         },
     )
-    manifest.write(staging)
-    return manifest
+
+
+def _on_cuda(precision: str) -> bool:
+    return "CUDAExecutionProvider" in _providers_for(precision)
 
 
 def _providers_for(precision: str) -> list[str]:

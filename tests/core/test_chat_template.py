@@ -195,3 +195,33 @@ def test_a_response_that_alone_does_not_fit_is_never_cut_silently(
         assert cut.ids[1:] == full[start : start + 31]
     else:
         assert cut.ids == full[start : start + 32]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+def test_tool_calls_and_results_render_through_tojson(
+    family: str, families: dict[str, Family]
+) -> None:
+    # Agentic turns: the templates write tool calls and results with tojson, which must keep
+    # non-ASCII text and HTML characters as they are (transformers' tojson, not jinja2's).
+    model = families[family]
+    conversation: list[dict[str, Any]] = [
+        {"role": "user", "content": "Wie ist das Wetter in Zürich? <b>kurz</b>"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "weather", "arguments": {"city": "Zürich", "unit": "°C"}}}
+            ],
+        },
+        {"role": "tool", "content": "12 °C & sonnig <sun>"},
+        {"role": "assistant", "content": "12 °C und sonnig."},
+    ]
+    expected = model.transformers_text(conversation)
+    written_by_tojson = {
+        "chatml": '{"city": "Zürich", "unit": "°C"}',
+        "llama3": '{"output": "12 °C & sonnig <sun>"}',
+    }
+    assert written_by_tojson[family] in expected  # no \\u escapes, no HTML escapes
+    rendered = render(conversation, model.format)
+    assert rendered.text == expected
+    assert model.encoder.encode(rendered).ids == model.transformers_ids(conversation)

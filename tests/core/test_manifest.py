@@ -53,7 +53,7 @@ def test_missing_and_malformed(bundle_copy: Path, tmp_path: Path) -> None:
         ({"pad_token_id": "zero"}, "pad_token_id has the wrong type"),
         ({"architecture": {"kind": "both", "model_type": "x", "pooling": "first"}}, "kind"),
         ({"normalization": {"mean": 0, "std": 0, "n": 1, "reference": "x"}}, "std must be"),
-        ({"variants": {}}, "must include 'fp32'"),
+        ({"variants": {}}, "must list at least one model file"),
         ({"text_format": {"speaker": "x"}}, "unknown text_format fields"),
         ({"text_format": {"kind": "jinja"}}, "unknown text_format kind 'jinja'"),
         ({"text_format": {"kind": "chat_template", "template": ""}}, "template must be"),

@@ -147,3 +147,61 @@ def test_architectures_of_published_reward_models(
     manifest = export_bundle(path, tmp_path / "bundle", max_length=256)
     assert manifest.architecture.kind == "decoder"
     assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - _reference_logits(path))) <= 1e-4
+
+
+def test_max_length_defaults_to_the_model_and_is_bounded_by_its_positions(tmp_path: Path) -> None:
+    path = model_zoo.build_pair_encoder(tmp_path / "oa")
+    manifest = export_bundle(path, tmp_path / "bundle")
+    assert manifest.max_length == 512  # the model's positions, not a fixed cap
+    with pytest.raises(ExportError, match="exceeds the 512 positions"):
+        export_bundle(path, tmp_path / "bundle2", max_length=2048)
+
+
+def test_fp16_export_loads_half_precision_and_makes_a_cuda_bundle(tmp_path: Path) -> None:
+    from rmserve.service.runtime import RuntimeConfigError, choose_precision
+
+    path = model_zoo.build_decoder(tmp_path / "m", "llama3", seed=8)
+    manifest = export_bundle(path, tmp_path / "bundle", max_length=256, dtype="fp16")
+    assert set(manifest.variants) == {"fp16"}
+    assert (tmp_path / "bundle" / "model.fp16.onnx").is_file()
+    parity = manifest.variants["fp16"].parity
+    assert parity["max_abs_diff"] <= 2e-2
+    assert parity["text_path_max_abs_diff"] <= 2e-2
+    # Scores of the fp16 graph (onnxruntime here on CPU) stay close to transformers in fp32.
+    manifest_dir = tmp_path / "bundle"
+    encoder = PairEncoder.from_file(
+        str(manifest_dir / "tokenizer.json"), manifest.max_length, manifest.text_format
+    )
+    rows = [encoder.encode(render(c, manifest.text_format)).ids for c in CONVERSATIONS]
+    scores = onnx_scorer(str(manifest_dir / "model.fp16.onnx"))(
+        *pad_batch(rows, manifest.pad_token_id)
+    )
+    assert np.max(np.abs(np.asarray(scores).reshape(-1, 1) - _reference_logits(path))) <= 2e-2
+    # The service picks it on CUDA and says why it cannot serve it on CPU.
+    assert choose_precision("auto", "cuda", manifest) == "fp16"
+    with pytest.raises(RuntimeConfigError, match="exported with --dtype fp16"):
+        choose_precision("auto", "cpu", manifest)
+    with pytest.raises(ExportError, match="--dtype fp16 exports the fp16 graph itself"):
+        export_bundle(path, tmp_path / "b2", dtype="fp16", int8=True)
+
+
+def test_an_encoder_without_its_classifier_or_pooler_is_refused(
+    minilm_path: Path, tmp_path: Path
+) -> None:
+    # all-MiniLM-L6-v2 is an embedding model: it has no classifier, which would be random.
+    with pytest.raises(ExportError) as refused:
+        export_bundle(minilm_path, tmp_path / "bundle", max_length=128)
+    assert "classifier.weight (missing from the checkpoint: newly initialised)" in str(
+        refused.value
+    )
+    assert not (tmp_path / "bundle").exists()
+    # A classifier whose pooler is gone reads a random pooler: refused as well.
+    from safetensors.torch import load_file, save_file
+
+    path = model_zoo.build_pair_encoder(tmp_path / "no-pooler")
+    weights = load_file(str(path / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if ".pooler." not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"bert\.pooler\.dense\.weight \(missing"):
+        export_bundle(path, tmp_path / "bundle", max_length=128)
