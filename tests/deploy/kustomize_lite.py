@@ -71,6 +71,8 @@ ATOMIC_LISTS: frozenset[str] = frozenset(
     | {
         "spec.metrics",  # HorizontalPodAutoscaler: listType=atomic
         "spec.accessModes",  # PersistentVolumeClaim
+        "spec.ingress",  # NetworkPolicy: atomic in the API
+        "spec.egress",
     }
 )
 

@@ -32,9 +32,18 @@ from kustomize_lite import object_id, render
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu")
-# Overlay plus an optional model-volume component, rendered from a copy of k8s/ with an
-# extra overlay (kustomize refuses absolute paths to resources).
-VARIANTS = ("cpu", "gpu", "cpu+fetch-bundle", "gpu+fetch-bundle", "gpu+baked-bundle")
+# Overlay plus optional components (a model-volume approach, keyless mode), rendered from a
+# copy of k8s/ with an extra overlay (kustomize refuses absolute paths to resources).
+VARIANTS = (
+    "cpu",
+    "gpu",
+    "cpu+fetch-bundle",
+    "gpu+fetch-bundle",
+    "gpu+baked-bundle",
+    "cpu+keyless",
+    "gpu+keyless",
+    "gpu+fetch-bundle+keyless",
+)
 # 1.30: the native preStop sleep action is on by default from this release on.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 SERVE_ARGS = ["serve", "/models/bundle", "--host", "0.0.0.0", "--port", "8000"]
@@ -110,17 +119,19 @@ def _render_variant(variant: str, scratch: Path) -> Path:
     """The directory to build for VARIANT (a copy of k8s/ for component variants)."""
     if "+" not in variant:
         return K8S / "overlays" / variant
-    overlay, component = variant.split("+")
+    overlay, *components = variant.split("+")
+    name = "-".join([overlay, *components])
     tree = scratch / variant / "k8s"
     if not tree.exists():
         shutil.copytree(K8S, tree)
-        extra = tree / "overlays" / f"{overlay}-{component}"
+        extra = tree / "overlays" / name
         extra.mkdir()
+        listed = "".join(f"  - ../../components/{component}\n" for component in components)
         (extra / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-            f"resources:\n  - ../{overlay}\ncomponents:\n  - ../../components/{component}\n"
+            f"resources:\n  - ../{overlay}\ncomponents:\n{listed}"
         )
-    return tree / "overlays" / f"{overlay}-{component}"
+    return tree / "overlays" / name
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +200,7 @@ def test_every_object_validates_strictly(
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(part) for part in e.path)
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} at {path}: {e.message}")
-    expected = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
+    expected = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"}
     assert expected | {"HorizontalPodAutoscaler", "ServiceMonitor"} <= kinds
     assert "Secret" not in kinds, "API keys must not be committed as a Secret"
 
@@ -249,6 +260,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_are_accepted_by_the_service(
+    variant: str,
     rendered: dict[tuple[str, str], dict[str, Any]],
     clean_environment: None,
     monkeypatch: pytest.MonkeyPatch,
@@ -263,17 +275,30 @@ def test_settings_are_accepted_by_the_service(
         assert field != "api_keys", "API keys belong in the Secret, not the ConfigMap"
         assert isinstance(value, str), f"{name}: ConfigMap values must be strings"
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("RMSERVE_API_KEYS", "k" * 32)  # what the Secret provides
+    if not _keyless(variant):
+        monkeypatch.setenv("RMSERVE_API_KEYS", "k" * 32)  # what the Secret provides
     settings = ServiceSettings()  # raises on a value or a combination the service refuses
+    assert bool(settings.api_key_list()) is not _keyless(variant)
     assert str(settings.bundle) == "/models/bundle"
     assert settings.port == 8000
     assert settings.host == "0.0.0.0"
 
 
-def test_api_keys_come_from_the_secret(rendered: dict[tuple[str, str], dict[str, Any]]) -> None:
+def _keyless(variant: str) -> bool:
+    return "keyless" in variant.split("+")
+
+
+def test_api_keys_come_from_the_secret(
+    variant: str, rendered: dict[tuple[str, str], dict[str, Any]]
+) -> None:
     env = {item["name"]: item for item in _container(rendered)["env"]}
-    reference = env["RMSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
-    assert reference == {"name": SECRET_NAME, "key": "api-keys"}
+    if _keyless(variant):
+        assert "RMSERVE_API_KEYS" not in env
+    else:
+        reference = env["RMSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        # Not optional: a missing Secret must keep the pod from starting (fail closed), not
+        # start it without authentication; keyless is the keyless component's explicit choice.
+        assert reference == {"name": SECRET_NAME, "key": "api-keys"}
     assert "RMSERVE_API_KEYS" not in _settings_env(rendered)
     (source,) = _container(rendered)["envFrom"]
     assert source["configMapRef"]["name"] == "rmserve-settings"
@@ -352,6 +377,200 @@ def test_selectors_match_the_pods(rendered: dict[tuple[str, str], dict[str, Any]
         deployment["metadata"]["name"],
     )
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+# NetworkPolicy: who may connect. The server's namespace in these tests; the labels are the
+# ones docs/deploy.md tells users to set.
+SERVER_NAMESPACE = "rmserve"
+CLIENT_LABEL = {"rmserve.io/client": "true"}
+CLIENT_NAMESPACE_LABEL = {"rmserve.io/client-namespace": "true"}
+MONITORING_NAMESPACE = "monitoring"
+
+
+def _label_selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector: every matchLabels pair present; {} selects everything."""
+    assert set(selector) <= {"matchLabels"}, f"selector uses {sorted(selector)}; extend the test"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _network_policies(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    return [obj for (kind, _), obj in rendered.items() if kind == "NetworkPolicy"]
+
+
+def _admits(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+    *,
+    namespace: str,
+    pod_labels: dict[str, str],
+    port: int,
+    protocol: str = "TCP",
+    namespace_labels: dict[str, str] | None = None,
+) -> bool:
+    """Whether the rendered NetworkPolicies admit a connection to an rmserve pod (in
+    SERVER_NAMESPACE) from a pod with POD_LABELS in NAMESPACE, as Kubernetes evaluates them:
+    a pod selected by no Ingress policy admits everything; otherwise any rule of any selecting
+    policy must admit the peer (a peer with both selectors needs both) and the port."""
+    target = _deployment(rendered)["spec"]["template"]["metadata"]["labels"]
+    named_ports = {p["name"]: p["containerPort"] for p in _container(rendered)["ports"]}
+    # The API server labels every namespace with its name.
+    ns_labels = {**(namespace_labels or {}), "kubernetes.io/metadata.name": namespace}
+    selecting = [
+        policy
+        for policy in _network_policies(rendered)
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        and _label_selects(policy["spec"]["podSelector"], target)
+    ]
+    if not selecting:
+        return True
+
+    def peer_admits(peer: dict[str, Any]) -> bool:
+        assert "ipBlock" not in peer, "an ipBlock admits by address, not by label"
+        if "namespaceSelector" in peer:
+            ns_ok = _label_selects(peer["namespaceSelector"], ns_labels)
+        else:
+            ns_ok = namespace == SERVER_NAMESPACE
+        return ns_ok and _label_selects(peer.get("podSelector", {}), pod_labels)
+
+    def port_admits(entry: dict[str, Any]) -> bool:
+        if entry.get("protocol", "TCP") != protocol:
+            return False
+        if "port" not in entry:
+            return True
+        first = named_ports[entry["port"]] if isinstance(entry["port"], str) else entry["port"]
+        return first <= port <= entry.get("endPort", first)
+
+    return any(
+        (not rule.get("from") or any(peer_admits(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(port_admits(entry) for entry in rule["ports"]))
+        for policy in selecting
+        for rule in policy["spec"].get("ingress", [])
+    )
+
+
+def test_network_policies_select_only_the_rmserve_pods(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    policies = _network_policies(rendered)
+    assert {p["metadata"]["name"] for p in policies} == {"rmserve-clients", "rmserve-metrics"}
+    pod_labels = _deployment(rendered)["spec"]["template"]["metadata"]["labels"]
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]
+        name = policy["metadata"]["name"]
+        assert selector.get("matchLabels"), f"{name}: an empty podSelector isolates every pod"
+        assert _label_selects(selector, pod_labels), f"{name} does not select the rmserve pods"
+        # Not the trainers: a trainer pod isolated by this policy could not be reached at all.
+        assert not _label_selects(selector, {**CLIENT_LABEL, "app.kubernetes.io/name": "x"})
+        # Ingress only: egress stays unrestricted (DNS, the fetch-bundle download).
+        assert policy["spec"]["policyTypes"] == ["Ingress"], name
+        assert "egress" not in policy["spec"], name
+
+
+def test_network_policies_admit_trainers_and_monitoring_and_nothing_else(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    (container_port,) = _container(rendered)["ports"]
+    port, protocol = container_port["containerPort"], container_port["protocol"]
+    # Every rule names its peers and the serving port: an empty `from` or `ports` admits all.
+    peers = []
+    for policy in _network_policies(rendered):
+        for rule in policy["spec"]["ingress"]:
+            assert rule["from"], f"{policy['metadata']['name']}: a rule without peers"
+            assert rule["ports"] == [{"protocol": protocol, "port": port}]
+            peers.extend(rule["from"])
+    assert sorted(peers, key=json.dumps) == sorted(
+        [
+            {"podSelector": {"matchLabels": CLIENT_LABEL}},
+            {
+                "namespaceSelector": {"matchLabels": CLIENT_NAMESPACE_LABEL},
+                "podSelector": {"matchLabels": CLIENT_LABEL},
+            },
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}
+                }
+            },
+        ],
+        key=json.dumps,
+    )
+
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    cases = [
+        # (namespace, namespace labels, pod labels, port, protocol, admitted)
+        (SERVER_NAMESPACE, {}, CLIENT_LABEL, port, "TCP", True),
+        (SERVER_NAMESPACE, {}, {**CLIENT_LABEL, "app": "openrlhf"}, port, "TCP", True),
+        (SERVER_NAMESPACE, {}, CLIENT_LABEL, port + 1, "TCP", False),
+        (SERVER_NAMESPACE, {}, CLIENT_LABEL, port, "UDP", False),
+        (SERVER_NAMESPACE, {}, {}, port, "TCP", False),
+        (SERVER_NAMESPACE, {}, {"rmserve.io/client": "false"}, port, "TCP", False),
+        (SERVER_NAMESPACE, {}, prometheus, port, "TCP", False),
+        ("rl", CLIENT_NAMESPACE_LABEL, CLIENT_LABEL, port, "TCP", True),
+        ("rl", CLIENT_NAMESPACE_LABEL, {}, port, "TCP", False),
+        ("rl", {}, CLIENT_LABEL, port, "TCP", False),
+        ("rl", CLIENT_LABEL, CLIENT_LABEL, port, "TCP", False),
+        (MONITORING_NAMESPACE, {}, prometheus, port, "TCP", True),
+        (MONITORING_NAMESPACE, {}, {}, port, "TCP", True),
+        (MONITORING_NAMESPACE, {}, prometheus, port + 1, "TCP", False),
+        ("default", {}, prometheus, port, "TCP", False),
+        ("kube-system", {}, {"k8s-app": "kube-dns"}, port, "TCP", False),
+    ]
+    for namespace, namespace_labels, pod_labels, to_port, proto, admitted in cases:
+        got = _admits(
+            rendered,
+            namespace=namespace,
+            namespace_labels=namespace_labels,
+            pod_labels=pod_labels,
+            port=to_port,
+            protocol=proto,
+        )
+        assert got is admitted, (namespace, namespace_labels, pod_labels, to_port, proto)
+
+
+def test_network_policy_port_is_the_serving_port(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    container = _container(rendered)
+    (container_port,) = container["ports"]
+    settings_port = int(_settings_env(rendered)["RMSERVE_PORT"])
+    args_port = int(container["args"][container["args"].index("--port") + 1])
+    service = rendered[("Service", "rmserve")]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == container_port["name"]
+    for policy in _network_policies(rendered):
+        for rule in policy["spec"]["ingress"]:
+            for entry in rule["ports"]:
+                assert entry["port"] == container_port["containerPort"]
+                assert entry["port"] == settings_port == args_port
+                assert entry["protocol"] == container_port["protocol"]
+
+
+def test_keyless_mode_needs_no_secret(
+    variant: str, rendered: dict[tuple[str, str], dict[str, Any]], scratch: Path
+) -> None:
+    pod = _deployment(rendered)["spec"]["template"]["spec"]
+    text = json.dumps(list(rendered.values()))
+    if not _keyless(variant):
+        assert SECRET_NAME in text
+        return
+    # Nothing in the render refers to a Secret: the pod starts without one.
+    assert SECRET_NAME not in text
+    for container in pod["containers"] + pod.get("initContainers", []):
+        for item in container.get("env", []):
+            assert "secretKeyRef" not in item.get("valueFrom", {}), item["name"]
+        for source in container.get("envFrom", []):
+            assert "secretRef" not in source, container["name"]
+    assert not [v for v in pod["volumes"] if "secret" in v or "projected" in v]
+    # The component changes that one reference and nothing else; the NetworkPolicies stay.
+    keyed_variant = "+".join(part for part in variant.split("+") if part != "keyless")
+    keyed = {
+        (obj["kind"], obj["metadata"]["name"]): obj
+        for obj in render(_render_variant(keyed_variant, scratch))
+    }
+    env = _container(keyed)["env"]
+    _container(keyed)["env"] = [item for item in env if item["name"] != "RMSERVE_API_KEYS"]
+    assert keyed == rendered
+    assert _network_policies(rendered)
 
 
 def test_model_volume(variant: str, rendered: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -508,3 +727,85 @@ def test_kubernetes_objects_shown_in_the_docs_validate() -> None:
     assert objects, "docs/deploy.md shows a NetworkPolicy"
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def _docs_section(title: str) -> str:
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    start = docs.index(f"\n## {title}\n")
+    end = docs.find("\n## ", start + 1)
+    return docs[start : end if end != -1 else None]
+
+
+def test_docs_explain_keyless_trainers_behind_the_network_policy() -> None:
+    section = _docs_section("Running OpenRLHF and verl against the server")
+    rendered = {
+        (obj["kind"], obj["metadata"]["name"]): obj for obj in render(K8S / "overlays" / "cpu")
+    }
+    # The labels the docs tell users to set are the ones the policy admits.
+    ((key, value),) = CLIENT_LABEL.items()
+    ((ns_key, ns_value),) = CLIENT_NAMESPACE_LABEL.items()
+    assert f'{key}: "{value}"' in section
+    assert f"kubectl label namespace rl {ns_key}={ns_value}" in section
+    assert f"--labels={key}={value}" in section
+    assert f"`{MONITORING_NAMESPACE}`" in section
+    port = _container(rendered)["ports"][0]["containerPort"]
+    url = f"http://rmserve.rmserve.svc:{port}"
+    assert f"--reward.remote_url {url}/get_reward" in section
+    assert "--remote_rm_url" in section
+    assert f"RMSERVE_BASE_URL={url} python -m verl.trainer.main_ppo" in section
+    assert "components:\n     - ../../components/keyless" in section
+    assert (K8S / "components" / "keyless" / "kustomization.yaml").is_file()
+    assert "defence in depth" in section.lower()
+    assert "probes are not subject to NetworkPolicy" in section
+
+
+def _documented_metrics_patch() -> dict[str, Any]:
+    section = _docs_section("Running OpenRLHF and verl against the server")
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    (patch,) = [
+        obj
+        for obj in map(yaml.safe_load, blocks)
+        if isinstance(obj, dict)
+        and obj.get("kind") == "NetworkPolicy"
+        and obj["metadata"]["name"] == "rmserve-metrics"
+    ]
+    return patch
+
+
+def test_documented_metrics_namespace_patch(scratch: Path) -> None:
+    """The docs' patch for Prometheus in another namespace replaces the monitoring rule only
+    (kustomize replaces the atomic `ingress` list; kustomize_lite does not patch it)."""
+    command = _kustomize_command()
+    if command is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    patch = _documented_metrics_patch()
+    (rule,) = patch["spec"]["ingress"]
+    (peer,) = rule["from"]
+    namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    assert namespace != MONITORING_NAMESPACE
+    tree = scratch / "metrics-patch" / "k8s"
+    shutil.copytree(K8S, tree)
+    overlay = tree / "overlays" / "cpu-metrics"
+    overlay.mkdir()
+    (overlay / "networkpolicy-metrics.yaml").write_text(yaml.safe_dump(patch))
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources:\n  - ../cpu\npatches:\n  - path: networkpolicy-metrics.yaml\n"
+    )
+    result = subprocess.run(
+        [*command, str(overlay)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    patched = {
+        (obj["kind"], obj["metadata"]["name"]): obj
+        for obj in yaml.safe_load_all(result.stdout)
+        if obj
+    }
+    base = {(obj["kind"], obj["metadata"]["name"]): obj for obj in render(K8S / "overlays" / "cpu")}
+    key = ("NetworkPolicy", "rmserve-clients")
+    assert patched[key] == base[key]
+    port = _container(base)["ports"][0]["containerPort"]
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert _admits(patched, namespace=namespace, pod_labels=prometheus, port=port)
+    assert not _admits(patched, namespace=MONITORING_NAMESPACE, pod_labels=prometheus, port=port)
+    assert _admits(patched, namespace=SERVER_NAMESPACE, pod_labels=CLIENT_LABEL, port=port)
