@@ -26,6 +26,7 @@ run on TRL's background event loop, concurrently with other async reward functio
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -234,6 +235,12 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
         self.base_url = ClientConfig(self.base_url, headers=None, **self._client_kwargs).base_url
         self._client: AsyncRewardClient | None = None
         self._loop: object | None = None
+        # TRL 0.27-1.13 tell async reward functions by inspect.iscoroutinefunction, which an
+        # object with an async __call__ fails; Python 3.12+ lets the object say it is one. On
+        # 3.10/3.11, wrap it in an `async def` (examples/trl_async_reward.py).
+        mark = getattr(inspect, "markcoroutinefunction", None)
+        if mark is not None:
+            mark(self)
 
     def _client_for_this_loop(self) -> AsyncRewardClient:
         # An httpx.AsyncClient's pooled connections belong to one event loop. TRL keeps one
