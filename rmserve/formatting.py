@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "messages_from_pair",
     "parse_transcript",
     "render",
+    "render_completion",
     "render_text",
     "text_format_from_dict",
 ]
@@ -285,6 +287,48 @@ def _render_chat_template(
         if at >= 0 and text.startswith(marked[:at]):
             start = at
     return RenderedText(text=text, response_start=start)
+
+
+_USER_MARKER = _RESPONSE_MARKER + "user"
+
+
+@lru_cache(maxsize=16)
+def _generation_prompt(template: str, tokens: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(a one-turn conversation rendered with ``add_generation_prompt``, the text after its
+    user turn: the template's generation prompt); empty strings when the template refuses."""
+    from rmserve.chat_template import ChatTemplateError, render_chat_template
+
+    user = [{"role": "user", "content": _USER_MARKER}]
+    try:
+        prompt = render_chat_template(template, user, dict(tokens), add_generation_prompt=True)
+    except ChatTemplateError:
+        return "", ""
+    return prompt, prompt[prompt.index(_USER_MARKER) + len(_USER_MARKER) :]
+
+
+def render_completion(
+    prompt: str, response: str, text_format: ChatTemplateFormat
+) -> RenderedText | None:
+    """A prompt that the model's own template rendered with its generation prompt (slime's
+    ``--apply-chat-template``), completed with the response the way the template renders a
+    finished assistant turn (its trims and end-of-turn tokens included); None when ``prompt``
+    does not end with that generation prompt (it is then a plain prompt, not rendered text),
+    or when the template renders a finished turn otherwise than after its generation prompt."""
+    from rmserve.chat_template import ChatTemplateError, render_chat_template
+
+    special = tuple(sorted(text_format.special_tokens.items()))
+    rendered, generation = _generation_prompt(text_format.template, special)
+    if not generation or not prompt.endswith(generation):
+        return None
+    chat = [{"role": "user", "content": _USER_MARKER}, {"role": "assistant", "content": response}]
+    try:
+        full = render_chat_template(text_format.template, chat, text_format.special_tokens)
+    except ChatTemplateError as e:
+        raise FormattingError(f"the model's chat template refused the conversation: {e}") from e
+    if not full.startswith(rendered):
+        return None
+    head = render_text(prompt, text_format)
+    return RenderedText(text=head.text + full[len(rendered) :], response_start=len(head.text))
 
 
 def render_text(

@@ -103,7 +103,7 @@ def create_app(
         if settings.warmup:
             seconds = await asyncio.to_thread(runtime.warm_up, max_batch_size, loaded.max_length)
             logger.info("warm-up done", extra={"seconds": round(seconds, 3)})
-        state.scorer = Scorer(loaded, batcher, settings)
+        state.scorer = Scorer(loaded, batcher, settings, state.metrics)
         if state.draining:  # SIGTERM came while loading: never turn ready
             return
         state.ready = True

@@ -48,6 +48,11 @@ class ServiceMetrics:
         )
         self.items = Counter("rmserve_items", "Items scored", registry=r)
         self.tokens = Counter("rmserve_tokens", "Real (unpadded) tokens scored", registry=r)
+        self.truncated_items = Counter(
+            "rmserve_truncated_items",
+            "Items cut to fit max_length (prompt tokens, or a response's end where allowed)",
+            registry=r,
+        )
         self.queue_items = Gauge("rmserve_queue_items", "Items waiting for a batch", registry=r)
         self.batch_size = Histogram(
             "rmserve_batch_size", "Items per model batch", buckets=_BATCH_SIZE_BUCKETS, registry=r

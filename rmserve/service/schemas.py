@@ -42,6 +42,7 @@ __all__ = [
     "ScoreItem",
     "ScoreRequest",
     "ScoreResponse",
+    "SlimeRewardRequest",
     "Usage",
 ]
 
@@ -203,9 +204,9 @@ class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward model request (``--remote_rm_url .../get_reward``)."""
 
     model_config = _LAX
-    query: list[str] = Field(
-        min_length=1, description="Prompt + response, rendered by the trainer."
-    )
+    # Empty lists are valid: OpenRLHF shards each call over its --reward.remote_url servers,
+    # and every server past the first gets [] when there are fewer queries than servers.
+    query: list[str] = Field(description="Prompt + response, rendered by the trainer.")
     prompts: list[str] | None = Field(
         default=None,
         description="The prompt part of each query; lets truncation drop prompt tokens first.",
@@ -224,7 +225,33 @@ class GetRewardRequest(BaseModel):
 class GetRewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
-    extra_logs: dict[str, Any] = Field(default_factory=dict)
+    extra_logs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per query, what OpenRLHF logs beside the reward: `truncated` (1.0 when "
+        "tokens were cut to fit max_length, else 0.0).",
+    )
+
+
+class SlimeRewardRequest(BaseModel):
+    """slime's remote reward model request (``--rm-type remote_rm --rm-url URL``), one sample:
+    ``prompt`` is the rendered prompt (slime's ``--apply-chat-template``), a plain prompt, or
+    chat messages; ``label`` is ignored."""
+
+    model_config = _LAX
+    prompt: str | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The rendered prompt (ending with the template's generation prompt), a "
+        "plain prompt, or the conversation before the response.",
+        examples=["How do I bake bread?"],
+    )
+    response: str = Field(description="The generated response.", examples=["Knead, rise, bake."])
+    label: Any = Field(default=None, description="Ignored (for rule-based rewards).")
+
+    def to_input(self) -> ItemInput:
+        if isinstance(self.prompt, str):
+            return ItemInput(
+                prompt=self.prompt, response=self.response, prompt_may_be_rendered=True
+            )
+        return ItemInput(prompt=_dump(self.prompt), response=self.response)
 
 
 class ClassifyRequest(BaseModel):
@@ -305,6 +332,9 @@ class ClassifyData(BaseModel):
     label: str | None = None
     probs: list[float]
     num_classes: int = 1
+    truncated: bool = Field(
+        default=False, description="Tokens were cut to fit max_length (rmserve's addition)."
+    )
 
 
 class ClassifyUsage(BaseModel):

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from rmserve.manifest import Manifest, load_bundle
 from rmserve.service.batcher import Batcher, BatcherClosedError, InferenceError, QueueFullError
 from rmserve.service.errors import ApiError
+from rmserve.service.metrics import ServiceMetrics
 from rmserve.service.runtime import ModelRuntime
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.tokenization import (
@@ -120,11 +121,18 @@ class ScoreResult:
 class Scorer:
     """Scores items through the tokenizer and the batcher, with the request limits."""
 
-    def __init__(self, model: LoadedModel, batcher: Batcher, settings: ServiceSettings):
+    def __init__(
+        self,
+        model: LoadedModel,
+        batcher: Batcher,
+        settings: ServiceSettings,
+        metrics: ServiceMetrics | None = None,
+    ):
         self.model = model
         self.manifest = model.manifest
         self.batcher = batcher
         self.max_items = settings.max_items_per_request
+        self.metrics = metrics
 
     async def score(self, items: Sequence[ItemInput], *, truncate_response: bool) -> ScoreResult:
         if len(items) > self.max_items:
@@ -161,6 +169,8 @@ class Scorer:
         except InvalidItemError as e:
             raise ApiError(422, "invalid_item", str(e), details={"index": e.index}) from e
         tokenize_s = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.truncated_items.inc(sum(encoded.truncated))
         try:
             scored = await self.batcher.submit(encoded.ids)
         except (QueueFullError, BatcherClosedError) as e:

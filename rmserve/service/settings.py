@@ -168,6 +168,13 @@ class ServiceSettings(BaseSettings):
         le=64,
         description="Threads that render and tokenize requests off the event loop.",
     )
+    compat_truncate_response: bool = Field(
+        default=True,
+        description="On the doors whose callers cannot act on a 422 (OpenRLHF /get_reward, "
+        "vLLM /classify, slime /slime/reward), cut a response that alone does not fit "
+        "max_length (keeping its start) and flag it, instead of refusing it; /v1 doors follow "
+        "their request's truncate_response.",
+    )
     compat_normalize: bool = Field(
         default=False,
         description="Normalize rewards (bundle mean/std) in the OpenRLHF /get_reward and "

@@ -31,10 +31,12 @@ import numpy.typing as npt
 from rmserve.encoding import PairEncoder, ResponseTooLongError
 from rmserve.formatting import (
     AnyTextFormat,
+    ChatTemplateFormat,
     FormattingError,
     RenderedText,
     messages_from_pair,
     render,
+    render_completion,
     render_text,
 )
 from rmserve.manifest import TOKENIZER_NAME, BundleError, Manifest
@@ -95,12 +97,24 @@ class ItemInput:
     # For caller-rendered text whose prompt is known to be its first characters (OpenRLHF
     # sends both); lets truncation drop prompt tokens first instead of cutting blindly.
     response_start: int | None = None
+    # The string prompt may be the model's own template already rendered with its generation
+    # prompt (slime with --apply-chat-template): then it is completed, not rendered again.
+    prompt_may_be_rendered: bool = False
 
     def render(self, text_format: AnyTextFormat) -> RenderedText:
         if self.text is not None:
             return render_text(self.text, text_format, self.response_start)
         if self.messages is not None:
             return render(self.messages, text_format)
+        if (
+            self.prompt_may_be_rendered
+            and isinstance(self.prompt, str)
+            and self.response is not None
+            and isinstance(text_format, ChatTemplateFormat)
+        ):
+            completed = render_completion(self.prompt, self.response, text_format)
+            if completed is not None:
+                return completed
         if self.prompt is not None and self.response is not None:
             return render(messages_from_pair(self.prompt, self.response), text_format)
         raise FormattingError("an item needs prompt and response, messages, or text")

@@ -225,3 +225,33 @@ def test_tool_calls_and_results_render_through_tojson(
     rendered = render(conversation, model.format)
     assert rendered.text == expected
     assert model.encoder.encode(rendered).ids == model.transformers_ids(conversation)
+
+
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
+def test_a_rendered_prompt_completes_to_the_templates_text(
+    family: str, families: dict[str, Family]
+) -> None:
+    # slime sends the policy's rendered prompt (add_generation_prompt=True) and the response:
+    # completed by the bundle, it must be the text of the whole conversation, byte for byte.
+    from rmserve.formatting import render_completion
+
+    model = families[family]
+    checked = 0
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(conversation=model_zoo.conversations())
+    def check(conversation: list[dict[str, str]]) -> None:
+        nonlocal checked
+        prompt = model.tokenizer.apply_chat_template(
+            conversation[:-1], tokenize=False, add_generation_prompt=True
+        )
+        completed = render_completion(str(prompt), conversation[-1]["content"], model.format)
+        assert completed is not None
+        assert completed.text == model.transformers_text(conversation)
+        assert model.encoder.encode(completed).ids == model.transformers_ids(conversation)
+        checked += 1
+
+    check()
+    assert checked >= 100
+    # A plain prompt is not rendered text: the caller renders it as a user turn instead.
+    assert render_completion("How do I bake bread?", "Knead.", model.format) is None

@@ -197,3 +197,51 @@ def test_client_and_trl_adapter_match_transformers(served: Served) -> None:
     finally:
         reward.close()
     assert np.max(np.abs(np.array(conversational) - expected)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("served", TEMPLATE_FAMILIES, indirect=True)
+def test_slime_door_matches_transformers(served: Served) -> None:
+    # slime's remote_rm (slime/rollout/rm_hub/__init__.py) posts one sample,
+    # {"prompt": sample.prompt, "response": sample.response, "label": sample.label}, and keeps
+    # the JSON answer as the reward (or its --reward-key field). sample.prompt is the policy's
+    # chat template applied with add_generation_prompt=True (--apply-chat-template), else the
+    # dataset's prompt as is: a string or messages.
+    expected = _expected(served)
+    tokenizer = served.card.tokenizer
+    for prompt, response, want in zip(PROMPTS, RESPONSES, expected, strict=True):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        for sent in (rendered, prompt, [{"role": "user", "content": prompt}]):
+            answer = served.post(
+                "/slime/reward", {"prompt": sent, "response": response, "label": None}
+            )
+            assert set(answer) == {"reward", "score", "truncated"}
+            assert abs(answer["reward"] - want) <= TOLERANCE, sent
+            assert answer["truncated"] is False
+
+
+@pytest.mark.parametrize("served", TEMPLATE_FAMILIES, indirect=True)
+def test_long_responses_on_the_compat_doors_are_cut_and_flagged(served: Served) -> None:
+    # The bundle's max_length is 512 tokens: this response alone does not fit.
+    response = "bread and butter " * 400
+    conversation = _conversation(PROMPTS[0], response)
+    text = served.card.text(conversation)
+    slime = served.post("/slime/reward", {"prompt": PROMPTS[0], "response": response})
+    assert slime["truncated"] is True
+    classify = served.post("/classify", {"input": [text], "use_activation": False})
+    assert classify["data"][0]["truncated"] is True
+    prompt = str(
+        served.card.tokenizer.apply_chat_template(
+            conversation[:1], tokenize=False, add_generation_prompt=True
+        )
+    )
+    reward = served.post("/get_reward", {"query": [text], "prompts": [prompt]})
+    assert reward["extra_logs"] == {"truncated": [1.0]}
+    # The same cut as /v1/score's truncate_response: the response's start, after the prompt.
+    v1 = served.post(
+        "/v1/score",
+        {"items": [{"prompt": PROMPTS[0], "response": response}], "truncate_response": True},
+    )
+    assert abs(slime["reward"] - v1["scores"][0]) <= 1e-5
+    assert abs(reward["rewards"][0] - v1["scores"][0]) <= 1e-5

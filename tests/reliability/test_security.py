@@ -39,6 +39,7 @@ BODIES: dict[str, Any] = {
     "/v1/rank": {"prompt": "Hi", "responses": ["Hello.", "Bye."]},
     "/v1/compare": {"prompt": "Hi", "a": "Hello.", "b": "Bye."},
     "/get_reward": {"query": ["Hi Hello."]},
+    "/slime/reward": {"prompt": "Hi", "response": "Hello.", "label": None},
     "/classify": {"input": "Hi Hello."},
 }
 

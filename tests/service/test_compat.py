@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import requests
 
-from tests.service.conftest import RunningServer
+from tests.service.conftest import RunningServer, serve_app, settings_for
 
 PROMPT = "\n\nHuman: Is it safe to eat raw cookie dough?\n\nAssistant: "
 RESPONSES = ["It can carry salmonella from raw eggs; heat-treated dough is safer.", "Yes."]
@@ -39,7 +41,7 @@ def test_openrlhf_remote_rm(encoder_server: RunningServer) -> None:
     data = {"query": queries, "prompts": [PROMPT, PROMPT], "labels": ["", ""]}
     rewards, body = openrlhf_request_api_wrapper(encoder_server.url + "/get_reward", data)
     assert set(body) == {"rewards", "scores", "extra_logs"}
-    assert body["extra_logs"] == {}
+    assert body["extra_logs"] == {"truncated": [0.0, 0.0]}
     assert body["scores"] == rewards
     assert rewards == pytest.approx(direct_scores(encoder_server, queries), abs=1e-6)
     # Older OpenRLHF posts only {"query": [...]}.
@@ -58,16 +60,69 @@ def test_openrlhf_extra_fields_are_ignored_and_mismatch_is_422(
     assert "prompts has 1 entries but query has 2" in bad.json()["error"]["message"]
 
 
-def test_openrlhf_prompt_boundary_drops_the_prompt_first(encoder_server: RunningServer) -> None:
+def test_openrlhf_long_responses_are_cut_and_flagged_not_refused(
+    encoder_server: RunningServer, tiny_encoder_bundle: Path
+) -> None:
+    # OpenRLHF cannot act on a 422 (it retries, then the sample gets no reward): with the
+    # boundary known, the prompt goes first, then the response's end, and extra_logs says so.
     url = encoder_server.url + "/get_reward"
     prompt = "\n\nHuman: " + "please explain " * 300 + "\n\nAssistant: "
-    too_long_response = prompt + "word " * 400
-    # With the boundary known, a response that alone does not fit is refused, not cut.
-    r = requests.post(url, json={"query": [too_long_response], "prompts": [prompt]}, timeout=30)
-    assert r.status_code == 422
-    assert r.json()["error"]["type"] == "response_too_long"
-    ok = requests.post(url, json={"query": [prompt + "Short."], "prompts": [prompt]}, timeout=30)
-    assert ok.status_code == 200
+    response = "word " * 400
+    queries = [prompt + response, prompt + "Short.", PROMPT + RESPONSES[0]]
+    r = requests.post(url, json={"query": queries, "prompts": [prompt, prompt, PROMPT]})
+    assert r.status_code == 200, r.text
+    assert r.json()["extra_logs"] == {"truncated": [1.0, 1.0, 0.0]}
+    assert encoder_server.metric("rmserve_truncated_items_total") >= 2
+    # The cut keeps the response's start: the reward of the pair with truncate_response.
+    pair = {"prompt": prompt.split("\n\nHuman: ")[1].split("\n\nAssistant: ")[0]}
+    direct = httpx.post(
+        encoder_server.url + "/v1/score",
+        json={"items": [{**pair, "response": response}], "truncate_response": True},
+    ).json()
+    assert r.json()["rewards"][0] == pytest.approx(direct["scores"][0], abs=1e-6)
+    # /v1 still refuses unless asked; the server setting makes the OpenRLHF door refuse too.
+    refused = httpx.post(
+        encoder_server.url + "/v1/score", json={"items": [{**pair, "response": response}]}
+    )
+    assert refused.status_code == 422
+    strict = settings_for(tiny_encoder_bundle, compat_truncate_response=False)
+    with serve_app(strict) as server:
+        body = {"query": queries[:1], "prompts": [prompt]}
+        r = requests.post(server.url + "/get_reward", json=body, timeout=30)
+        assert r.status_code == 422
+        assert r.json()["error"]["type"] == "response_too_long"
+
+
+def openrlhf_fetch_rewards(urls: list[str], queries: list[str], prompts: list[str]) -> list[Any]:
+    """OpenRLHF's SingleTurnAgentExecutor._fetch_rewards_via_http (agent.py): shard the
+    queries over the --reward.remote_url servers, batch_size = ceil(n / servers), so servers
+    past the number of queries get empty lists; raise_for_status on each (written from
+    reading its code; the retry loop left out so a failure fails the test)."""
+    batch_size = (len(queries) + len(urls) - 1) // len(urls)
+    answers = []
+    for i, url in enumerate(urls):
+        start, end = i * batch_size, min((i + 1) * batch_size, len(queries))
+        payload = {
+            "query": queries[start:end],
+            "prompts": prompts[start:end],
+            "labels": [None] * max(0, end - start),
+        }
+        response = requests.post(url, json=payload, timeout=180)
+        response.raise_for_status()
+        answers.append(response.json())
+    return answers
+
+
+@pytest.mark.parametrize("servers", [1, 3])
+def test_openrlhf_with_one_and_three_urls(encoder_server: RunningServer, servers: int) -> None:
+    # Today's OpenRLHF sends one sample per call; with 3 URLs, two servers get [] each.
+    url = encoder_server.url + "/get_reward"
+    query = PROMPT + RESPONSES[0]
+    answers = openrlhf_fetch_rewards([url] * servers, [query], [PROMPT])
+    assert len(answers) == servers
+    assert answers[0]["rewards"] == pytest.approx(direct_scores(encoder_server, [query]), abs=1e-6)
+    for empty in answers[1:]:
+        assert empty == {"rewards": [], "scores": [], "extra_logs": {}}
 
 
 def test_verl_classify_without_activation_reads_the_raw_reward(

@@ -14,13 +14,27 @@
   the one-head reward only: the bundle's statistics describe the reward head, not the logits
   a softmax compares.
 
-OpenRLHF's ``rewards`` are the manifest's reward head, as ``/v1/score``'s ``scores``.
+- ``POST /slime/reward``: slime's remote reward model (``--rm-type remote_rm --rm-url
+  http://host:port/slime/reward``), one sample ``{"prompt", "response", "label"}`` per call.
+  slime keeps the JSON answer as the sample's reward, or the field its ``--reward-key`` names:
+  ``{"reward", "score", "truncated"}``, and one field per head label for a model of several.
+  ``prompt`` is what slime's data loader made of the dataset: the policy's chat template
+  already applied, with its generation prompt (``--apply-chat-template``), a plain string,
+  or chat messages. Rendered text is completed with the response as the reward model's own
+  template renders a finished turn (when the templates are the same: the model card's text);
+  a plain prompt or messages are rendered by that template.
+
+OpenRLHF's ``rewards`` are the manifest's reward head, as ``/v1/score``'s ``scores``. The
+callers of these doors cannot act on a 422, so a response that alone does not fit max_length
+is cut (its start kept) and flagged rather than refused, unless
+``RMSERVE_COMPAT_TRUNCATE_RESPONSE=false``; OpenRLHF gets the flags in ``extra_logs``.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +49,7 @@ from rmserve.service.schemas import (
     ClassifyUsage,
     GetRewardRequest,
     GetRewardResponse,
+    SlimeRewardRequest,
 )
 from rmserve.service.scoring import Scorer
 from rmserve.service.state import ScorerDep, StateDep
@@ -49,18 +64,23 @@ router = APIRouter(tags=["compatibility"], responses=SCORING_ERRORS)
 async def get_reward(
     body: GetRewardRequest, response: Response, scorer: ScorerDep, state: StateDep
 ) -> GetRewardResponse:
-    """Rewards of OpenRLHF queries (prompt + response rendered by the trainer)."""
+    """Rewards of OpenRLHF queries (prompt + response rendered by the trainer); no queries
+    (a shard OpenRLHF left empty) answer empty lists."""
+    if not body.query:
+        return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     items = []
     for i, query in enumerate(body.query):
         prompt = body.prompts[i] if body.prompts is not None else None
         # The query starts with its prompt: the boundary lets truncation drop prompt first.
         start = len(prompt) if prompt and query.startswith(prompt) else None
         items.append(ItemInput(text=query, response_start=start))
-    result = await scorer.score(items, truncate_response=False)
-    scores = scorer.normalize(result.scores) if state.settings.compat_normalize else result.scores
+    settings = state.settings
+    result = await scorer.score(items, truncate_response=settings.compat_truncate_response)
+    scores = scorer.normalize(result.scores) if settings.compat_normalize else result.scores
     response.headers.update(result.timing_headers())
     values = scores.tolist()
-    return GetRewardResponse(rewards=values, scores=values, extra_logs={})
+    truncated = [float(t) for t in result.truncated]
+    return GetRewardResponse(rewards=values, scores=values, extra_logs={"truncated": truncated})
 
 
 def class_probs(logits: npt.NDArray[np.float64], activated: bool) -> npt.NDArray[np.float64]:
@@ -102,7 +122,8 @@ async def classify(
     of the reward for a model of one head, the softmax over the heads for several, or the raw
     values without activation."""
     _check_template(body, scorer)
-    result = await scorer.score(body.items(), truncate_response=False)
+    truncate = state.settings.compat_truncate_response
+    result = await scorer.score(body.items(), truncate_response=truncate)
     labels = scorer.manifest.labels
     if len(labels) == 1:
         normalize = state.settings.compat_normalize
@@ -128,8 +149,35 @@ async def classify(
         created=int(time.time()),
         model=scorer.manifest.model_name,
         data=[
-            ClassifyData(index=i, label=winners[i], probs=row, num_classes=len(labels))
+            ClassifyData(
+                index=i,
+                label=winners[i],
+                probs=row,
+                num_classes=len(labels),
+                truncated=result.truncated[i],
+            )
             for i, row in enumerate(values)
         ],
         usage=ClassifyUsage(prompt_tokens=result.tokens, total_tokens=result.tokens),
     )
+
+
+@router.post("/slime/reward", summary="slime remote reward model")
+async def slime_reward(
+    body: SlimeRewardRequest, response: Response, scorer: ScorerDep, state: StateDep
+) -> dict[str, Any]:
+    """One sample's reward: ``reward`` (the reward head, raw), the same as ``score``,
+    ``truncated``, and for a model of several heads each head's raw value under its label,
+    so that slime's ``--reward-key`` picks any of them."""
+    settings = state.settings
+    truncate = settings.compat_truncate_response
+    result = await scorer.score([body.to_input()], truncate_response=truncate)
+    reward = float(result.scores[0])
+    if settings.compat_normalize:
+        reward = float(scorer.normalize(result.scores)[0])
+    response.headers.update(result.timing_headers())
+    answer: dict[str, Any] = {"reward": reward, "score": reward, "truncated": result.truncated[0]}
+    labels = scorer.manifest.labels
+    if len(labels) > 1:
+        answer |= {label: float(v) for label, v in zip(labels, result.head_scores[0], strict=True)}
+    return answer
