@@ -93,10 +93,12 @@ def test_grpo_example_calls_the_reward_function_as_grpo_does(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("script", ["grpo_reward_func.py", "trl_async_reward.py"])
 def test_grpo_example_trains_a_tiny_policy_with_trl(
-    service_url: str, hh_data_dir: Path, minilm_path: Path, tmp_path: Path
+    script: str, service_url: str, hh_data_dir: Path, minilm_path: Path, tmp_path: Path
 ) -> None:
-    """A real GRPOTrainer run (1 step) whose reward comes from the server over HTTP."""
+    """A real GRPOTrainer run (1 step) whose reward comes from the server over HTTP, with the
+    sync reward function and with the async one that TRL awaits on its own event loop."""
     pytest.importorskip("trl")
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -120,7 +122,7 @@ def test_grpo_example_trains_a_tiny_policy_with_trl(
     Qwen2ForCausalLM(config).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
     out = run_example(
-        str(EXAMPLES / "grpo_reward_func.py"),
+        str(EXAMPLES / script),
         "--url",
         service_url,
         "--data",
@@ -143,3 +145,5 @@ def test_grpo_example_trains_a_tiny_policy_with_trl(
     match = re.search(r"mean reward per step: \[(-?[\d.e+-]+)\]", out)
     assert match, out  # TRL logged rewards/rmserve_reward/mean for the one step
     assert float(match.group(1)) != 0.0
+    if script == "trl_async_reward.py":  # the async function's log_metric reached TRL too
+        assert re.search(r"truncated fraction per step: \[[\d.]+\]", out), out
