@@ -64,6 +64,13 @@ def _load(source: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs: An
     )
 
 
+def _mapping(name: str | None, head: str) -> dict[str, Any]:
+    """from_pretrained's ``key_mapping`` that loads the weights under ``name`` as ``head``."""
+    if name is None or name == head:
+        return {}
+    return {"key_mapping": {f"^{re.escape(name)}\\.": f"{head}."}}
+
+
 def _loading_problems(head: str, info: dict[str, Any]) -> list[str]:
     """Weights the checkpoint did not provide (newly initialised: the head, or a pooler the
     classifier reads), weights of another shape, and checkpoint weights meant for the head
@@ -107,17 +114,21 @@ def load_checkpoint(
     import torch
 
     dtype = dtype or torch.float32
-    model, info = _load(source, dtype, trust_remote_code)
+    # A head named by the caller is mapped at the first load onto decoders' `score` (the
+    # renamed heads of OpenRLHF and TRL sit on decoders); the checkpoint is loaded a second
+    # time only for an encoder's `classifier` or a guessed name.
+    model, info = _load(source, dtype, trust_remote_code, **_mapping(head_name, "score"))
     head = _head_attribute(model)
     mapped_from = head_name
     if mapped_from is None and _loading_problems(head, info):
         mapped_from = _guess_head_name(model, info)
-    if mapped_from is not None and mapped_from != head:
-        key_mapping = {f"^{re.escape(mapped_from)}\\.": f"{head}."}
-        model, info = _load(source, dtype, trust_remote_code, key_mapping=key_mapping)
-        if f"{head}.bias" in info.get("unexpected_keys", []):
-            _add_bias(model, head, _checkpoint_tensor(source, f"{mapped_from}.bias"))
-            info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k != f"{head}.bias"]
+    guessed = head_name is None and mapped_from is not None and mapped_from != head
+    if guessed or (head_name is not None and head != "score"):
+        del model  # released first: two copies of an 8B model would not fit in memory
+        model, info = _load(source, dtype, trust_remote_code, **_mapping(mapped_from, head))
+    if mapped_from is not None and f"{head}.bias" in info.get("unexpected_keys", []):
+        _add_bias(model, head, _checkpoint_tensor(source, f"{mapped_from}.bias"))
+        info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k != f"{head}.bias"]
     problems = _loading_problems(head, info)
     if problems:
         raise HeadError(_refusal(source, model, head, mapped_from, problems, info))
