@@ -57,6 +57,7 @@ from rmserve.client._trl import (
 from rmserve.client._types import (
     BestOfN,
     CompareResult,
+    ItemError,
     Message,
     ModelInfo,
     RankedResponse,
@@ -79,6 +80,7 @@ __all__ = [
     "BestOfN",
     "CompareResult",
     "InternalServerError",
+    "ItemError",
     "Message",
     "ModelInfo",
     "NotFoundError",

@@ -147,7 +147,7 @@ class AsyncRewardClient:
         responses: Sequence[str],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of each (prompt, response) pair, in input order (see RewardClient.score)."""
         items = pair_items(prompts, responses)
@@ -158,7 +158,7 @@ class AsyncRewardClient:
         conversations: Sequence[Conversation],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
         items = conversation_items(conversations)
@@ -169,7 +169,7 @@ class AsyncRewardClient:
         texts: Sequence[str],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
         return await self._score_items(text_items(texts), normalize, truncate_response)
@@ -181,10 +181,10 @@ class AsyncRewardClient:
         *,
         top_k: int | None = None,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> RankResult:
         """Responses to one prompt, best first (see RewardClient.rank)."""
-        options = {"normalize": normalize, "truncate_response": truncate_response}
+        options: dict[str, Any] = {"normalize": normalize, "truncate_response": truncate_response}
         body = rank_body(prompt, responses, top_k, **options)
         if len(responses) <= self.max_items_per_request:
             return parse_rank(await self._request("POST", "/v1/rank", body), len(responses))
@@ -198,7 +198,7 @@ class AsyncRewardClient:
         b: str,
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> CompareResult:
         """Rewards of two responses and the probability that ``a`` is preferred.
 
@@ -250,7 +250,7 @@ class AsyncRewardClient:
     # -- internals ----------------------------------------------------------------------
 
     async def _score_items(
-        self, items: list[JSON], normalize: bool, truncate_response: bool
+        self, items: list[JSON], normalize: bool, truncate_response: bool | None
     ) -> ScoreResult:
         chunks = chunked(items, self.max_items_per_request)
 

@@ -63,7 +63,7 @@ def best_of_n(
     generate: Generate | None = None,
     n: int | None = None,
     normalize: bool = False,
-    truncate_response: bool = False,
+    truncate_response: bool | None = None,
 ) -> BestOfN:
     """Return the candidate with the highest reward for ``prompt``, with all scores.
 
@@ -88,7 +88,7 @@ async def async_best_of_n(
     generate: AsyncGenerate | None = None,
     n: int | None = None,
     normalize: bool = False,
-    truncate_response: bool = False,
+    truncate_response: bool | None = None,
 ) -> BestOfN:
     """The async form of :func:`best_of_n`; ``generate`` may be sync or async."""
     _check_arguments(candidates, generate, n)

@@ -159,14 +159,16 @@ class RewardClient:
         responses: Sequence[str],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of each (prompt, response) pair, in input order.
 
         A prompt is a string or a list of chat messages (the response then becomes the final
         assistant turn). ``normalize`` applies the bundle's reference mean/std;
-        ``truncate_response`` lets the server cut a response too long to fit instead of
-        answering 422 (``result.truncated`` says which were cut).
+        ``truncate_response`` True lets the server cut a response too long to fit
+        (``result.truncated`` says which were cut), False refuses it: its score is nan and
+        ``result.errors`` says why (a call with no item left raises the 422); None leaves it
+        to the server's RMSERVE_TRUNCATE_RESPONSE (default: refuse).
         """
         return self._score_items(pair_items(prompts, responses), normalize, truncate_response)
 
@@ -175,7 +177,7 @@ class RewardClient:
         conversations: Sequence[Conversation],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
         items = conversation_items(conversations)
@@ -186,7 +188,7 @@ class RewardClient:
         texts: Sequence[str],
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
         return self._score_items(text_items(texts), normalize, truncate_response)
@@ -198,14 +200,14 @@ class RewardClient:
         *,
         top_k: int | None = None,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> RankResult:
         """Responses to one prompt, best first, with every score in request order.
 
         Up to ``max_items_per_request`` responses go in one ``/v1/rank`` request; more are
         scored in chunks and ranked here the same way (highest first, ties by position).
         """
-        options = {"normalize": normalize, "truncate_response": truncate_response}
+        options: dict[str, Any] = {"normalize": normalize, "truncate_response": truncate_response}
         body = rank_body(prompt, responses, top_k, **options)
         if len(responses) <= self.max_items_per_request:
             return parse_rank(self._request("POST", "/v1/rank", body), len(responses))
@@ -219,7 +221,7 @@ class RewardClient:
         b: str,
         *,
         normalize: bool = False,
-        truncate_response: bool = False,
+        truncate_response: bool | None = None,
     ) -> CompareResult:
         """Rewards of two responses and the probability that ``a`` is preferred.
 
@@ -275,7 +277,7 @@ class RewardClient:
     # -- internals ----------------------------------------------------------------------
 
     def _score_items(
-        self, items: list[JSON], normalize: bool, truncate_response: bool
+        self, items: list[JSON], normalize: bool, truncate_response: bool | None
     ) -> ScoreResult:
         chunks = chunked(items, self.max_items_per_request)
 

@@ -9,8 +9,10 @@ Responses are checked too: a 2xx body without the promised fields raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ import httpx
 from rmserve.client._errors import APIResponseValidationError, APIStatusError
 from rmserve.client._types import (
     CompareResult,
+    ItemError,
     ModelInfo,
     Prompt,
     RankedResponse,
@@ -157,8 +160,15 @@ def shift_item_index(error: APIStatusError, offset: int) -> None:
         error.args = (str(error.args[0]) + f" (item {index + offset} of the call)",)
 
 
-def score_body(items: Sequence[JSON], *, normalize: bool, truncate_response: bool) -> JSON:
-    return {"items": list(items), "normalize": normalize, "truncate_response": truncate_response}
+def _with_truncation(body: JSON, truncate_response: bool | None) -> JSON:
+    """None leaves the choice to the server (RMSERVE_TRUNCATE_RESPONSE, default refuse)."""
+    if truncate_response is not None:
+        body["truncate_response"] = truncate_response
+    return body
+
+
+def score_body(items: Sequence[JSON], *, normalize: bool, truncate_response: bool | None) -> JSON:
+    return _with_truncation({"items": list(items), "normalize": normalize}, truncate_response)
 
 
 def rank_body(
@@ -167,14 +177,14 @@ def rank_body(
     top_k: int | None,
     *,
     normalize: bool,
-    truncate_response: bool,
+    truncate_response: bool | None,
 ) -> JSON:
     responses = check_sequence(responses, "responses")
     if not responses:
         raise ValueError("responses is empty; rank needs at least one response")
     body = prompt_fields(prompt)
     body["normalize"] = normalize
-    body["truncate_response"] = truncate_response
+    _with_truncation(body, truncate_response)
     body["responses"] = [_check_str(r, f"responses[{i}]") for i, r in enumerate(responses)]
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -184,11 +194,11 @@ def rank_body(
 
 
 def compare_body(
-    prompt: Prompt, a: str, b: str, *, normalize: bool, truncate_response: bool
+    prompt: Prompt, a: str, b: str, *, normalize: bool, truncate_response: bool | None
 ) -> JSON:
     body = prompt_fields(prompt)
     body["normalize"] = normalize
-    body["truncate_response"] = truncate_response
+    _with_truncation(body, truncate_response)
     body["a"] = _check_str(a, "a")
     body["b"] = _check_str(b, "b")
     return body
@@ -225,28 +235,65 @@ def _float(value: object) -> float | None:
     return float(value)
 
 
-def _float_list(response: httpx.Response, body: JSON, key: str, n: int | None) -> list[float]:
+def _float_list(
+    response: httpx.Response,
+    body: JSON,
+    key: str,
+    n: int | None,
+    refused: AbstractSet[int] = frozenset(),
+) -> list[float]:
+    """The numbers of ``body[key]``; a null is allowed (read as nan) only at an index the
+    answer's ``errors`` lists (``refused``)."""
     raw = body.get(key)
     if not isinstance(raw, list):
         raise _invalid(response, f"'{key}' is missing or not a list")
     values = [_float(v) for v in raw]
-    if any(v is None for v in values):
+    if any(v is None and not (raw[i] is None and i in refused) for i, v in enumerate(values)):
         raise _invalid(response, f"'{key}' holds a value that is not a number")
     if n is not None and len(values) != n:
         raise _invalid(response, f"'{key}' has {len(values)} entries for {n} items sent")
-    return [v for v in values if v is not None]
+    return [math.nan if v is None else v for v in values]
+
+
+def _item_errors(response: httpx.Response, body: JSON, n: int) -> list[ItemError]:
+    raw = body.get("errors") or []
+    if not isinstance(raw, list):
+        raise _invalid(response, "'errors' is not a list")
+    errors = []
+    for entry in raw:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+            raise _invalid(response, f"errors entry {entry!r} has no index in range")
+        details = entry.get("details")
+        errors.append(
+            ItemError(
+                index=index,
+                type=str(entry.get("type", "")),
+                message=str(entry.get("message", "")),
+                details=details if isinstance(details, dict) else {},
+            )
+        )
+    return errors
 
 
 class ScoreChunk:
     """The parsed answer to one ``/v1/score`` request (one chunk of a call)."""
 
-    __slots__ = ("model", "scores", "tokens", "truncated")
+    __slots__ = ("errors", "model", "scores", "tokens", "truncated")
 
-    def __init__(self, model: str, scores: list[float], truncated: list[bool], tokens: int):
+    def __init__(
+        self,
+        model: str,
+        scores: list[float],
+        truncated: list[bool],
+        tokens: int,
+        errors: list[ItemError] | None = None,
+    ):
         self.model = model
         self.scores = scores
         self.truncated = truncated
         self.tokens = tokens
+        self.errors = errors or []  # indices within this chunk
 
 
 def _model(response: httpx.Response, body: JSON) -> str:
@@ -258,21 +305,26 @@ def _model(response: httpx.Response, body: JSON) -> str:
 
 def parse_score_chunk(response: httpx.Response, n_items: int) -> ScoreChunk:
     body = _json_object(response)
-    scores = _float_list(response, body, "scores", n_items)
+    errors = _item_errors(response, body, n_items)
+    scores = _float_list(response, body, "scores", n_items, {e.index for e in errors})
     truncated = _truncated(response, body, n_items)
-    return ScoreChunk(_model(response, body), scores, truncated, _tokens(response, body))
+    tokens = _tokens(response, body)
+    return ScoreChunk(_model(response, body), scores, truncated, tokens, errors)
 
 
 def merge_score_chunks(chunks: Sequence[ScoreChunk]) -> ScoreResult:
-    """Concatenate chunk answers in request order; usage adds up."""
+    """Concatenate chunk answers in request order; usage adds up; item errors are indexed
+    in the whole call."""
     scores: list[float] = []
     truncated: list[bool] = []
+    errors: list[ItemError] = []
     for chunk in chunks:
+        errors.extend(replace(e, index=e.index + len(scores)) for e in chunk.errors)
         scores.extend(chunk.scores)
         truncated.extend(chunk.truncated)
     model = chunks[0].model if chunks else ""
     tokens = sum(chunk.tokens for chunk in chunks)
-    return ScoreResult(model, tuple(scores), tuple(truncated), Usage(tokens))
+    return ScoreResult(model, tuple(scores), tuple(truncated), Usage(tokens), tuple(errors))
 
 
 def _truncated(response: httpx.Response, body: JSON, n: int) -> list[bool]:
@@ -307,8 +359,9 @@ def parse_rank(response: httpx.Response, n_responses: int) -> RankResult:
         ):
             raise _invalid(response, f"ranking entry {entry!r} is not {{index, score}} in range")
         ranking.append(RankedResponse(index, score))
+    errors = _item_errors(response, body, n_responses)
     if "scores" in body:
-        scores = _float_list(response, body, "scores", n_responses)
+        scores = _float_list(response, body, "scores", n_responses, {e.index for e in errors})
     elif len(ranking) == n_responses:  # an older server: rebuild request order from ranking
         scores = [0.0] * n_responses
         for entry in ranking:
@@ -321,6 +374,7 @@ def parse_rank(response: httpx.Response, n_responses: int) -> RankResult:
         tuple(scores),
         tuple(_truncated(response, body, n_responses)),
         Usage(_tokens(response, body)),
+        tuple(errors),
     )
 
 
@@ -332,11 +386,13 @@ def rank_from_scores(result: ScoreResult, top_k: int | None) -> RankResult:
     descending), so this equals the server's own ranking.
     """
     scores = result.scores
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    refused = {e.index for e in result.errors}
+    kept = [i for i in range(len(scores)) if i not in refused]
+    order = sorted(kept, key=lambda i: (-scores[i], i))
     if top_k is not None:
         order = order[:top_k]
     ranking = tuple(RankedResponse(i, scores[i]) for i in order)
-    return RankResult(result.model, ranking, scores, result.truncated, result.usage)
+    return RankResult(result.model, ranking, scores, result.truncated, result.usage, result.errors)
 
 
 def parse_compare(response: httpx.Response) -> CompareResult:

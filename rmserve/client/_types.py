@@ -14,6 +14,7 @@ __all__ = [
     "BestOfN",
     "CompareResult",
     "Conversation",
+    "ItemError",
     "Message",
     "ModelInfo",
     "Prompt",
@@ -43,13 +44,29 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ItemError:
+    """Why one item got no score (its score is NaN); the other items were scored."""
+
+    index: int  # position of the item in the call's inputs (across chunks)
+    type: str  # response_too_long, item_too_long or invalid_item
+    message: str  # what was wrong and what to change
+    details: Mapping[str, Any] = field(default_factory=dict)  # lengths and limits
+
+
+@dataclass(frozen=True)
 class ScoreResult:
-    """Scores in the order of the inputs; ``truncated[i]`` says whether item i was cut."""
+    """Scores in the order of the inputs; ``truncated[i]`` says whether item i was cut.
+
+    An item the server could not score (a response that does not fit, a conversation the
+    chat template refuses) has ``nan`` as its score and an entry in ``errors``; the others are
+    scored (``math.isnan`` or numpy's ``nan*`` functions skip it).
+    """
 
     model: str
     scores: tuple[float, ...]
     truncated: tuple[bool, ...]
     usage: Usage
+    errors: tuple[ItemError, ...] = ()
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -67,9 +84,10 @@ class RankResult:
 
     model: str
     ranking: tuple[RankedResponse, ...]  # best first; only the best top_k when asked
-    scores: tuple[float, ...]  # all responses' scores, in request order
+    scores: tuple[float, ...]  # all responses' scores, in request order (nan: see errors)
     truncated: tuple[bool, ...]  # in request order
     usage: Usage
+    errors: tuple[ItemError, ...] = ()  # responses not scored, hence not ranked
 
     @property
     def best(self) -> RankedResponse:

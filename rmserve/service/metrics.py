@@ -7,6 +7,8 @@ the tests do. Names (DESIGN.md):
     rmserve_request_duration_seconds{route}     histogram
     rmserve_items_total                         counter: items scored
     rmserve_tokens_total                        counter: real (unpadded) tokens scored
+    rmserve_truncated_items_total               counter: items cut to fit max_length
+    rmserve_refused_items_total{reason}         counter: items that could not be scored
     rmserve_queue_items                         gauge: items waiting for a batch
     rmserve_batch_size                          histogram: items per batch
     rmserve_batch_tokens                        histogram: padded tokens per batch
@@ -51,6 +53,13 @@ class ServiceMetrics:
         self.truncated_items = Counter(
             "rmserve_truncated_items",
             "Items cut to fit max_length (prompt tokens, or a response's end where allowed)",
+            registry=r,
+        )
+        self.refused_items = Counter(
+            "rmserve_refused_items",
+            "Items that could not be scored, by reason (response_too_long, item_too_long, "
+            "invalid_item), whether their request failed or answered the others",
+            ["reason"],
             registry=r,
         )
         self.queue_items = Gauge("rmserve_queue_items", "Items waiting for a batch", registry=r)

@@ -34,6 +34,7 @@ __all__ = [
     "GetRewardRequest",
     "GetRewardResponse",
     "HealthResponse",
+    "ItemError",
     "ModelCard",
     "ModelsResponse",
     "RankRequest",
@@ -107,6 +108,31 @@ def _dump(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [m.model_dump() for m in messages]
 
 
+_TRUNCATE_RESPONSE = Field(
+    default=None,
+    description="A response that alone does not fit max_length: cut its end and flag it "
+    "(true) or refuse that item (false). Absent: the server's RMSERVE_TRUNCATE_RESPONSE "
+    "(default false).",
+)
+
+
+class ItemError(BaseModel):
+    """Why one item of a multi-item request got no score (its score is null)."""
+
+    index: int = Field(description="Position of the item in the request.")
+    type: str = Field(description="response_too_long, item_too_long or invalid_item.")
+    message: str = Field(description="What was wrong and what to change.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Lengths and limits.")
+
+
+_ITEM_ERRORS = Field(
+    default=None,
+    description="Only when some items could not be scored (their score is null; the others "
+    "are scored): one entry per such item. A request none of whose items can be scored "
+    "answers 422 instead.",
+)
+
+
 class Usage(BaseModel):
     tokens: int = Field(description="Tokens the model read (special tokens included).")
 
@@ -117,10 +143,7 @@ class ScoreRequest(BaseModel):
     normalize: bool = Field(
         default=False, description="Return (score - mean) / std with the bundle's statistics."
     )
-    truncate_response: bool = Field(
-        default=False,
-        description="Cut a response that alone does not fit max_length (else 422).",
-    )
+    truncate_response: bool | None = _TRUNCATE_RESPONSE
 
 
 _HEAD_SCORES = Field(
@@ -137,10 +160,13 @@ _LABELS = Field(
 
 class ScoreResponse(BaseModel):
     model: str
-    scores: list[float] = Field(description="The reward (head) of each item, in order.")
-    head_scores: list[list[float]] | None = _HEAD_SCORES
+    scores: list[float | None] = Field(
+        description="The reward (head) of each item, in order; null for an item in errors."
+    )
+    head_scores: list[list[float] | None] | None = _HEAD_SCORES
     labels: list[str] | None = _LABELS
     truncated: list[bool]
+    errors: list[ItemError] | None = _ITEM_ERRORS
     usage: Usage
 
 
@@ -151,7 +177,7 @@ class _PromptedRequest(BaseModel):
         default=None, description="The conversation before the responses."
     )
     normalize: bool = False
-    truncate_response: bool = False
+    truncate_response: bool | None = _TRUNCATE_RESPONSE
 
     @model_validator(mode="after")
     def _one_prompt(self) -> _PromptedRequest:
@@ -177,11 +203,16 @@ class RankedResponse(BaseModel):
 
 class RankResponse(BaseModel):
     model: str
-    ranking: list[RankedResponse] = Field(description="Best first.")
-    scores: list[float] = Field(description="All scores, in request order.")
-    head_scores: list[list[float]] | None = _HEAD_SCORES
+    ranking: list[RankedResponse] = Field(
+        description="Best first; a response in errors is left out."
+    )
+    scores: list[float | None] = Field(
+        description="All scores, in request order; null for a response in errors."
+    )
+    head_scores: list[list[float] | None] | None = _HEAD_SCORES
     labels: list[str] | None = _LABELS
     truncated: list[bool]
+    errors: list[ItemError] | None = _ITEM_ERRORS
     usage: Usage
 
 

@@ -4,7 +4,8 @@ It maps every way an item can fail to its HTTP answer (:class:`ApiError`) so the
 small: too many items 413, an item too long, a response that cannot fit or an item the text
 format refuses (a chat template's ``raise_exception``) 422 naming the item, a full queue 429
 with Retry-After, a draining server 503. Such a failure is the request's own: items are checked
-before they are queued, so other requests in flight never see it.
+before they are queued, so other requests in flight never see it. A route that can answer per
+item (``partial``) keeps the other items' scores and reports the refused ones instead.
 
 A model may have several heads (the manifest's ``labels``): a result carries every head, and
 ``scores`` is the manifest's ``reward_head``, the number the routes call the reward.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,14 @@ from rmserve.service.metrics import ServiceMetrics
 from rmserve.service.runtime import ModelRuntime
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.tokenization import (
-    InvalidItemError,
     ItemInput,
+    ItemRefusedError,
     ItemTooLongError,
     RequestTokenizer,
     ResponseTooLongAtError,
 )
 
-__all__ = ["LoadedModel", "ScoreResult", "Scorer", "load_model"]
+__all__ = ["LoadedModel", "ScoreResult", "Scorer", "item_error", "load_model"]
 
 logger = logging.getLogger("rmserve.service.scoring")
 
@@ -92,6 +93,23 @@ def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> L
     return LoadedModel(settings.bundle, manifest, runtime, tokenizer)
 
 
+def item_error(e: ItemRefusedError) -> ApiError:
+    """The 422 for one item that cannot be scored, naming it and saying what to change."""
+    if isinstance(e, ResponseTooLongAtError):
+        details = {
+            "index": e.index,
+            "response_tokens": e.response_tokens,
+            "prompt_tokens": e.prompt_tokens,
+            "max_response_tokens": e.budget,
+            "max_length": e.max_length,
+        }
+        return ApiError(422, "response_too_long", str(e), details=details)
+    if isinstance(e, ItemTooLongError):
+        details = {"index": e.index, "limit": e.limit}
+        return ApiError(422, "item_too_long", str(e), details=details)
+    return ApiError(422, "invalid_item", str(e), details={"index": e.index})
+
+
 def _refusal(e: QueueFullError | BatcherClosedError) -> ApiError:
     """The answer to work the batcher refused: 429 when full, 503 when draining."""
     if isinstance(e, QueueFullError):
@@ -108,6 +126,8 @@ class ScoreResult:
     tokenize_s: float
     queue_s: float
     inference_s: float
+    # Items left out of a partial request, by index, with the 4xx each would have answered.
+    refused: dict[int, ApiError] = field(default_factory=dict)
 
     def timing_headers(self) -> dict[str, str]:
         """TEI-style timing headers, in milliseconds."""
@@ -132,9 +152,21 @@ class Scorer:
         self.manifest = model.manifest
         self.batcher = batcher
         self.max_items = settings.max_items_per_request
+        self.truncate_response = settings.truncate_response  # when the request does not say
         self.metrics = metrics
 
-    async def score(self, items: Sequence[ItemInput], *, truncate_response: bool) -> ScoreResult:
+    async def score(
+        self,
+        items: Sequence[ItemInput],
+        *,
+        truncate_response: bool | None,
+        partial: bool = False,
+    ) -> ScoreResult:
+        """Score ``items``; ``truncate_response`` None means the server's setting.
+
+        An item that cannot be scored fails the request (its 4xx), unless ``partial`` and
+        some other item can be scored: then it is left out, its row NaN, and ``refused`` says
+        why (one item never costs a multi-item request every score)."""
         if len(items) > self.max_items:
             raise ApiError(
                 413,
@@ -146,38 +178,27 @@ class Scorer:
             self.batcher.check_admission(len(items))
         except (QueueFullError, BatcherClosedError) as e:
             raise _refusal(e) from e
+        if truncate_response is None:
+            truncate_response = self.truncate_response
         started = time.perf_counter()
-        try:
-            encoded = await self.model.tokenizer.encode(items, truncate_response=truncate_response)
-        except ResponseTooLongAtError as e:
-            raise ApiError(
-                422,
-                "response_too_long",
-                str(e),
-                details={
-                    "index": e.index,
-                    "response_tokens": e.response_tokens,
-                    "prompt_tokens": e.prompt_tokens,
-                    "max_response_tokens": e.budget,
-                    "max_length": e.max_length,
-                },
-            ) from e
-        except ItemTooLongError as e:
-            raise ApiError(
-                422, "item_too_long", str(e), details={"index": e.index, "limit": e.limit}
-            ) from e
-        except InvalidItemError as e:
-            raise ApiError(422, "invalid_item", str(e), details={"index": e.index}) from e
+        encoded = await self.model.tokenizer.encode(items, truncate_response=truncate_response)
         tokenize_s = time.perf_counter() - started
+        refused = {index: item_error(e) for index, e in encoded.refused.items()}
         if self.metrics is not None:
             self.metrics.truncated_items.inc(sum(encoded.truncated))
+            for error in refused.values():
+                self.metrics.refused_items.labels(error.type).inc()
+        if refused and (not partial or len(refused) == len(items)):
+            raise next(iter(refused.values()))
+        accepted = [i for i in range(len(items)) if i not in refused]
         try:
-            scored = await self.batcher.submit(encoded.ids)
+            scored = await self.batcher.submit([encoded.ids[i] for i in accepted])
         except (QueueFullError, BatcherClosedError) as e:
             raise _refusal(e) from e
         except InferenceError as e:
             raise ApiError(500, "inference_error", str(e)) from e
-        heads = scored.head_scores  # (n, K)
+        heads = np.full((len(items), self.manifest.num_heads), np.nan, dtype=np.float32)
+        heads[accepted] = scored.head_scores  # (n, K); refused rows stay NaN
         return ScoreResult(
             scores=np.ascontiguousarray(heads[:, self.manifest.reward_head]),
             head_scores=heads,
@@ -186,6 +207,7 @@ class Scorer:
             tokenize_s=tokenize_s,
             queue_s=scored.queue_s,
             inference_s=scored.inference_s,
+            refused=refused,
         )
 
     def normalize(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

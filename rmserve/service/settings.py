@@ -168,12 +168,18 @@ class ServiceSettings(BaseSettings):
         le=64,
         description="Threads that render and tokenize requests off the event loop.",
     )
+    truncate_response: bool = Field(
+        default=False,
+        description="On the /v1 doors, when the request does not say (truncate_response "
+        "absent): cut a response that alone does not fit max_length, keeping its start, and "
+        "flag it (true), or refuse that item with a 422 (false).",
+    )
     compat_truncate_response: bool = Field(
         default=True,
         description="On the doors whose callers cannot act on a 422 (OpenRLHF /get_reward, "
         "vLLM /classify, slime /slime/reward), cut a response that alone does not fit "
         "max_length (keeping its start) and flag it, instead of refusing it; /v1 doors follow "
-        "their request's truncate_response.",
+        "their request's truncate_response, else RMSERVE_TRUNCATE_RESPONSE.",
     )
     compat_normalize: bool = Field(
         default=False,

@@ -21,14 +21,14 @@ import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.encoding import PairEncoder, ResponseTooLongError
+from rmserve.encoding import EncodedPair, PairEncoder, ResponseTooLongError
 from rmserve.formatting import (
     AnyTextFormat,
     ChatTemplateFormat,
@@ -45,6 +45,7 @@ __all__ = [
     "EncodedItems",
     "InvalidItemError",
     "ItemInput",
+    "ItemRefusedError",
     "ItemTooLongError",
     "RequestTokenizer",
     "ResponseTooLongAtError",
@@ -120,11 +121,18 @@ class ItemInput:
         raise FormattingError("an item needs prompt and response, messages, or text")
 
 
+# What can go wrong with one item: each names the item and says what to change.
+ItemRefusedError = InvalidItemError | ItemTooLongError | ResponseTooLongAtError
+_NO_IDS: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class EncodedItems:
-    ids: list[npt.NDArray[np.int64]]  # one (T_i,) array per item
+    ids: list[npt.NDArray[np.int64]]  # one (T_i,) array per item; empty for a refused item
     truncated: list[bool]
     tokens: int  # sum of T_i
+    # The items that cannot be scored, by index (ascending), with why.
+    refused: dict[int, ItemRefusedError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,8 @@ class RequestTokenizer:
         self._waves_in_flight = 0
 
     async def encode(self, items: Sequence[ItemInput], *, truncate_response: bool) -> EncodedItems:
-        """Encode one request's items in the thread pool; raises the item errors above."""
+        """Encode one request's items in the thread pool; items that cannot be scored are
+        listed in the result's ``refused``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[EncodedItems] = loop.create_future()
         self._waiting.append(_Job(items, truncate_response, future))
@@ -213,46 +222,80 @@ class RequestTokenizer:
             self._start_wave(loop)
 
     def encode_sync(self, items: Sequence[ItemInput], truncate_response: bool) -> EncodedItems:
-        rendered: list[RenderedText] = []
+        """Encode every item; an item that cannot be scored is recorded in ``refused`` (its
+        ids left empty), so the caller decides whether the others still count."""
+        refused: dict[int, ItemRefusedError] = {}
+        rendered: dict[int, RenderedText] = {}
         for index, item in enumerate(items):
             try:
-                text = item.render(self.text_format)
-            except FormattingError as e:
-                raise InvalidItemError(index, str(e)) from e
-            chars = len(text.text) + len(text.pair or "")
-            if chars > self.max_item_chars:
-                raise ItemTooLongError(index, chars, self.max_item_chars)
-            # JSON may carry "\ud800" (and Python decodes raw surrogate bytes with
-            # surrogatepass); the Rust tokenizer cannot take such a str and would fail with a
-            # 500. Found by tests/reliability/test_bad_input.py.
-            if _SURROGATE.search(text.text) or (text.pair and _SURROGATE.search(text.pair)):
-                raise InvalidItemError(
-                    index,
-                    "the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a "
-                    "Unicode character; send valid UTF-8 text",
-                )
-            rendered.append(text)
-        try:
-            encoded = self.encoder.encode_batch(rendered, truncate_response=truncate_response)
-        except ResponseTooLongError:
-            # Rare: find which item it was, so the error names it.
-            for index, text in enumerate(rendered):
-                try:
-                    self.encoder.encode(text, truncate_response=truncate_response)
-                except ResponseTooLongError as e:
-                    raise ResponseTooLongAtError(index, e) from e
-            raise
-        ids = [np.asarray(pair.ids, dtype=np.int64) for pair in encoded]
-        for index, item_ids in enumerate(ids):
+                rendered[index] = self._render(index, item)
+            except (InvalidItemError, ItemTooLongError) as e:
+                refused[index] = e
+        encoded = self._encode_rendered(rendered, truncate_response, refused)
+        ids: list[npt.NDArray[np.int64]] = []
+        truncated: list[bool] = []
+        for index in range(len(items)):
+            pair = encoded.get(index)
+            item_ids = np.asarray(pair.ids if pair else [], dtype=np.int64)
             # A decoder's tokenizer adds no special tokens: an empty text is zero tokens, with
             # no position to read a reward at, and ORT fails on a (B, 0) batch with a 500.
-            if item_ids.shape[0] == 0:
-                raise InvalidItemError(index, "the text is empty once tokenized; send some text")
+            if pair is not None and item_ids.shape[0] == 0:
+                refused[index] = InvalidItemError(
+                    index, "the text is empty once tokenized; send some text"
+                )
+            ids.append(item_ids if index not in refused else _NO_IDS)
+            truncated.append(bool(pair and pair.truncated) and index not in refused)
         return EncodedItems(
             ids=ids,
-            truncated=[pair.truncated for pair in encoded],
+            truncated=truncated,
             tokens=sum(int(a.shape[0]) for a in ids),
+            refused=dict(sorted(refused.items())),
         )
+
+    def _render(self, index: int, item: ItemInput) -> RenderedText:
+        try:
+            text = item.render(self.text_format)
+        except FormattingError as e:
+            raise InvalidItemError(index, str(e)) from e
+        chars = len(text.text) + len(text.pair or "")
+        if chars > self.max_item_chars:
+            raise ItemTooLongError(index, chars, self.max_item_chars)
+        # JSON may carry "\ud800" (and Python decodes raw surrogate bytes with surrogatepass);
+        # the Rust tokenizer cannot take such a str and would fail with a 500. Found by
+        # tests/reliability/test_bad_input.py.
+        if _SURROGATE.search(text.text) or (text.pair and _SURROGATE.search(text.pair)):
+            raise InvalidItemError(
+                index,
+                "the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not a "
+                "Unicode character; send valid UTF-8 text",
+            )
+        return text
+
+    def _encode_rendered(
+        self,
+        rendered: dict[int, RenderedText],
+        truncate_response: bool,
+        refused: dict[int, ItemRefusedError],
+    ) -> dict[int, EncodedPair]:
+        """All rendered items in one batch call; if a response cannot fit (rare), item by
+        item, so that each one that cannot is named and the others keep their ids."""
+        indices = list(rendered)
+        try:
+            pairs = self.encoder.encode_batch(
+                [rendered[i] for i in indices], truncate_response=truncate_response
+            )
+            return dict(zip(indices, pairs, strict=True))
+        except ResponseTooLongError:
+            pass
+        out: dict[int, EncodedPair] = {}
+        for index in indices:
+            try:
+                out[index] = self.encoder.encode(
+                    rendered[index], truncate_response=truncate_response
+                )
+            except ResponseTooLongError as e:
+                refused[index] = ResponseTooLongAtError(index, e)
+        return out
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from rmserve.client import (
     BadRequestError,
     CompareResult,
     InternalServerError,
+    ItemError,
     NotFoundError,
     OverloadedError,
     RankResult,
@@ -50,6 +53,7 @@ PUBLIC = {
     "BestOfN",
     "CompareResult",
     "InternalServerError",
+    "ItemError",
     "Message",
     "ModelInfo",
     "NotFoundError",
@@ -215,8 +219,32 @@ def test_mock_transport_round_trip_and_base_url_prefix() -> None:
             }
         ],
         "normalize": False,
-        "truncate_response": False,
+    }  # no truncate_response: the server's setting decides
+
+
+def test_a_null_score_is_read_as_nan_only_when_errors_explain_it() -> None:
+    explained = {
+        "model": "m",
+        "scores": [0.5, None],
+        "truncated": [False, False],
+        "errors": [{"index": 1, "type": "invalid_item", "message": "item 1: bad", "details": {}}],
+        "usage": {"tokens": 7},
     }
+    unexplained = {**explained, "errors": []}
+
+    def handler(body: dict[str, Any]) -> httpx.MockTransport:
+        return httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+
+    with RewardClient("http://rm", transport=handler(explained)) as c:
+        result = c.score(["p", "p"], ["a", "b"])
+    assert result.scores[0] == 0.5
+    assert math.isnan(result.scores[1])
+    assert result.errors == (ItemError(1, "invalid_item", "item 1: bad", {}),)
+    with (
+        RewardClient("http://rm", transport=handler(unexplained)) as c,
+        pytest.raises(APIResponseValidationError, match="not a number"),
+    ):
+        c.score(["p", "p"], ["a", "b"])
 
 
 @pytest.mark.slow  # importing trl imports torch and transformers (~15 s on 2 cores)

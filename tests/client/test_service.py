@@ -157,19 +157,51 @@ def test_normalize_uses_the_bundle_statistics(service_url: str) -> None:
     assert_close(normalized.scores, [(s - mean) / std for s in raw.scores])
 
 
-def test_a_response_too_long_is_422_unless_truncation_is_asked(service_url: str) -> None:
+def test_a_response_too_long_costs_only_its_own_score_unless_truncation_is_asked(
+    service_url: str,
+) -> None:
     long_response = "word " * 400  # far beyond max_length 128
     prompts, responses = many_items(9)
     responses[7] = long_response
     with RewardClient(service_url, max_items_per_request=3) as client:
+        whole = client.score(prompts[:7], responses[:7])
+        result = client.score(prompts, responses)
+        assert math.isnan(result.scores[7])
+        assert_close(result.scores[:7], whole.scores)
+        [error] = result.errors
+        assert error.index == 7  # the caller's index, not the chunk's (1)
+        assert error.type == "response_too_long"
+        assert error.details["response_tokens"] > error.details["max_response_tokens"]
+        # rank leaves it out; best_of_n never picks it.
+        ranked = client.rank(PROMPTS[0], [RESPONSES[0], long_response, RESPONSES[2]])
+        assert 1 not in ranked.indices
+        assert [e.index for e in ranked.errors] == [1]
+        assert math.isnan(ranked.scores[1])
+        chunked_rank = RewardClient(service_url, max_items_per_request=2).rank(
+            PROMPTS[0], [RESPONSES[0], long_response, RESPONSES[2]]
+        )
+        assert chunked_rank.indices == ranked.indices
+        # A chunk with no item left is refused whole: the call raises, naming the item.
+        responses[6] = responses[8] = long_response
         with pytest.raises(BadRequestError) as info:
             client.score(prompts, responses)
         assert info.value.status_code == 422
         assert info.value.error_type == "response_too_long"
-        assert info.value.details["index"] == 7  # the caller's index, not the chunk's (1)
-        result = client.score(prompts, responses, truncate_response=True)
-    assert result.truncated[7] is True
-    assert sum(result.truncated) == 1
+        assert info.value.details["index"] == 6
+        truncated = client.score(prompts, responses, truncate_response=True)
+    assert truncated.truncated[6:] == (True, True, True)
+    assert not truncated.errors
+
+
+def test_the_async_client_reads_per_item_errors_too(service_url: str) -> None:
+    async def main() -> None:
+        async with AsyncRewardClient(service_url, max_items_per_request=2) as client:
+            result = await client.score(PROMPTS[:3], [RESPONSES[0], "word " * 400, RESPONSES[2]])
+            assert [e.index for e in result.errors] == [1]
+            assert math.isnan(result.scores[1])
+            assert not math.isnan(result.scores[2])
+
+    asyncio.run(main())
 
 
 def test_models_ready_health(service_url: str) -> None:

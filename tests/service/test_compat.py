@@ -91,6 +91,21 @@ def test_openrlhf_long_responses_are_cut_and_flagged_not_refused(
         r = requests.post(server.url + "/get_reward", json=body, timeout=30)
         assert r.status_code == 422
         assert r.json()["error"]["type"] == "response_too_long"
+    # The other policy for /v1: RMSERVE_TRUNCATE_RESPONSE=true cuts unless the request says no.
+    lenient = settings_for(tiny_encoder_bundle, truncate_response=True)
+    long_item = {**pair, "response": response}
+    with serve_app(lenient) as server:
+        cut = requests.post(server.url + "/v1/score", json={"items": [long_item]}, timeout=30)
+        assert cut.status_code == 200
+        assert cut.json()["truncated"] == [True]
+        assert cut.json()["scores"][0] == pytest.approx(direct["scores"][0], abs=1e-6)
+        body = {"items": [long_item, {**pair, "response": "Short."}], "truncate_response": False}
+        asked = requests.post(server.url + "/v1/score", json=body, timeout=30)
+        assert asked.status_code == 200
+        assert asked.json()["scores"][0] is None
+        assert server.metric("rmserve_refused_items_total", '{reason="response_too_long"}') == 1
+        # The first answer cut a response; the second cut the long prompt of "Short.".
+        assert server.metric("rmserve_truncated_items_total") == 2
 
 
 def openrlhf_fetch_rewards(urls: list[str], queries: list[str], prompts: list[str]) -> list[Any]:

@@ -339,29 +339,38 @@ def test_a_chat_template_takes_its_own_roles_content_parts_and_names(
     assert not np.allclose(heads[1], heads[2])
 
 
-def test_a_template_refusal_names_the_item_and_spares_other_requests(
+def test_a_template_refusal_names_the_item_and_spares_the_others(
     chat_server: RunningServer,
 ) -> None:
     post = poster(chat_server)
     good = {"items": [{"messages": conversation(r)} for r in RESPONSES]}
     expected = post("/v1/score", good).json()["head_scores"]
+    alone = post("/v1/score", {"items": [{"messages": conversation("no")}]}).json()
     robot = [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "no"}]
     bad = {"items": [{"messages": conversation("no")}, {"messages": robot}]}
     bodies = [good, bad] * 6
     with ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda b: post("/v1/score", b), bodies))
     for body, r in zip(bodies, answers, strict=True):
+        assert r.status_code == 200, r.text
         if body is good:
-            assert r.status_code == 200, r.text
             np.testing.assert_allclose(r.json()["head_scores"], expected, atol=1e-6)
+            assert "errors" not in r.json()
             continue
-        assert r.status_code == 422, r.text
-        error = r.json()["error"]
+        # The refused item gets null and a reason; the other keeps its score.
+        answer = r.json()
+        assert answer["scores"][1] is None
+        assert answer["head_scores"][1] is None
+        np.testing.assert_allclose(answer["scores"][0], alone["scores"][0], atol=1e-6)
+        [error] = answer["errors"]
         assert error["type"] == "invalid_item"
         assert error["index"] == 1
-        assert (
-            "Conversation roles must be system/user/assistant/tool, got robot" in (error["message"])
+        assert "Conversation roles must be system/user/assistant/tool, got robot" in (
+            error["message"]
         )
+    only_bad = post("/v1/score", {"items": [{"messages": robot}]})
+    assert only_bad.status_code == 422
+    assert only_bad.json()["error"]["index"] == 0
     via_classify = post("/classify", {"messages": robot})
     assert via_classify.status_code == 422
     assert "got robot" in via_classify.json()["error"]["message"]
@@ -377,12 +386,17 @@ def test_a_template_refusal_names_the_item_and_spares_other_requests(
 def test_the_transcript_format_refuses_what_it_cannot_render(
     heads_server: RunningServer, messages: list[dict[str, Any]], needle: str
 ) -> None:
-    r = poster(heads_server)("/v1/score", {"items": [{"text": "ok"}, {"messages": messages}]})
+    r = poster(heads_server)("/v1/score", {"items": [{"messages": messages}]})
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_item"
-    assert error["index"] == 1
+    assert error["index"] == 0
     assert needle in error["message"]
+    both = poster(heads_server)("/v1/score", {"items": [{"text": "ok"}, {"messages": messages}]})
+    assert both.status_code == 200, both.text
+    [item_error] = both.json()["errors"]
+    assert item_error["index"] == 1
+    assert needle in item_error["message"]
 
 
 def test_v1_stays_strict_about_unknown_top_level_fields(heads_server: RunningServer) -> None:

@@ -81,13 +81,23 @@ def test_too_many_bytes_is_413_while_streaming_without_length(
     assert "limit is 4096 bytes" in r.json()["error"]["message"]
 
 
-def test_item_over_the_character_limit_is_422(limited_server: RunningServer) -> None:
-    r = post(limited_server, {"items": [PAIR, {"text": "y" * 400}]})
+def test_item_over_the_character_limit_is_refused_naming_the_item(
+    limited_server: RunningServer,
+) -> None:
+    r = post(limited_server, {"items": [{"text": "y" * 400}]})
     assert r.status_code == 422
     error = r.json()["error"]
     assert error["type"] == "item_too_long"
-    assert error["index"] == 1
+    assert error["index"] == 0
     assert "limit is 300" in error["message"]
+    # Beside an item that fits, it costs only its own score.
+    both = post(limited_server, {"items": [PAIR, {"text": "y" * 400}]})
+    assert both.status_code == 200
+    assert both.json()["scores"][1] is None
+    [item_error] = both.json()["errors"]
+    assert item_error["type"] == "item_too_long"
+    assert item_error["index"] == 1
+    assert item_error["details"]["limit"] == 300
 
 
 def test_full_queue_is_429_with_retry_after(limited_server: RunningServer) -> None:

@@ -92,18 +92,51 @@ def test_long_prompt_is_dropped_from_the_left_and_reported(post: Post) -> None:
     assert r.json()["truncated"] == [True, False]
 
 
-def test_response_too_long_is_422_with_lengths_unless_truncation_is_asked(post: Post) -> None:
+def test_a_response_too_long_is_refused_with_lengths_unless_truncation_is_asked(
+    post: Post,
+) -> None:
     item = {"prompt": "hi", "response": "word " * 400}
-    r = post("/v1/score", {"items": [PAIR, item]})
-    assert r.status_code == 422
-    error = error_of(r)
+    alone = post("/v1/score", {"items": [item]})
+    assert alone.status_code == 422
+    error = error_of(alone)
     assert error["type"] == "response_too_long"
-    assert error["index"] == 1  # type: ignore[comparison-overlap]
+    assert error["index"] == 0  # type: ignore[comparison-overlap]
     assert error["response_tokens"] > error["max_response_tokens"]  # type: ignore[operator]
     assert "truncate_response" in error["message"]
     ok = post("/v1/score", {"items": [PAIR, item], "truncate_response": True})
     assert ok.status_code == 200
     assert ok.json()["truncated"] == [False, True]
+    assert "errors" not in ok.json()
+
+
+def test_one_item_that_cannot_fit_costs_a_multi_item_request_only_its_own_score(
+    post: Post,
+) -> None:
+    item = {"prompt": "hi", "response": "word " * 400}
+    expected = post("/v1/score", {"items": [PAIR]}).json()["scores"][0]
+    r = post("/v1/score", {"items": [PAIR, item, PAIR]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["scores"][1] is None
+    assert body["scores"][0] == pytest.approx(expected, abs=1e-6)
+    assert body["scores"][2] == pytest.approx(expected, abs=1e-6)
+    assert body["truncated"] == [False, False, False]
+    [error] = body["errors"]
+    assert error["index"] == 1
+    assert error["type"] == "response_too_long"
+    assert error["details"]["response_tokens"] > error["details"]["max_response_tokens"]
+    assert "item 1" in error["message"]
+    # /v1/rank: the refused response has no score and no place in the ranking.
+    ranked = post(
+        "/v1/rank", {"prompt": "hi", "responses": ["short", "word " * 400, "also short"]}
+    ).json()
+    assert ranked["scores"][1] is None
+    assert sorted(entry["index"] for entry in ranked["ranking"]) == [0, 2]
+    assert [e["index"] for e in ranked["errors"]] == [1]
+    # /v1/compare needs both responses: one that cannot fit refuses the comparison.
+    compared = post("/v1/compare", {"prompt": "hi", "a": "short", "b": "word " * 400})
+    assert compared.status_code == 422
+    assert error_of(compared)["index"] == 1  # type: ignore[comparison-overlap]
 
 
 @pytest.mark.parametrize(

@@ -4,19 +4,27 @@
 several heads also answers ``head_scores`` (every head, raw) and ``labels``; for one head the
 two are left out of the JSON (``response_model_exclude_none``), so one-head answers are as
 before.
+
+``/v1/score`` and ``/v1/rank`` answer per item: an item that cannot be scored (a response too
+long under the refuse policy, a conversation the template refuses) gets a null score and an
+entry in ``errors``, and the others are scored; only a request with no item left answers the
+item's 422. ``/v1/compare`` needs both responses, so either one failing answers 422.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Response
 
 from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     CompareRequest,
     CompareResponse,
+    ItemError,
     RankedResponse,
     RankRequest,
     RankResponse,
@@ -42,6 +50,28 @@ def _heads(
     return result.head_scores.tolist(), list(labels)
 
 
+def _optional(values: npt.NDArray[np.floating[Any]]) -> list[float | None]:
+    """JSON numbers, with null for the NaN of an item that was not scored."""
+    return [None if math.isnan(v) else v for v in values.tolist()]
+
+
+def _head_rows(result: ScoreResult, scorer: Scorer) -> list[list[float] | None] | None:
+    rows, _ = _heads(result, scorer)
+    if rows is None:
+        return None
+    return [None if i in result.refused else row for i, row in enumerate(rows)]
+
+
+def _errors(result: ScoreResult) -> list[ItemError] | None:
+    """One entry per refused item; None (left out of the JSON) when every item was scored."""
+    if not result.refused:
+        return None
+    return [
+        ItemError(index=i, type=e.type, message=e.message, details=e.details)
+        for i, e in result.refused.items()
+    ]
+
+
 def sigmoid(x: float) -> float:
     # Written per sign so that exp never overflows.
     if x >= 0:
@@ -54,17 +84,20 @@ def sigmoid(x: float) -> float:
 async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> ScoreResponse:
     """Rewards of (prompt, response) pairs, conversations or rendered texts, in order."""
     result = await scorer.score(
-        [item.to_input() for item in body.items], truncate_response=body.truncate_response
+        [item.to_input() for item in body.items],
+        truncate_response=body.truncate_response,
+        partial=True,
     )
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
-    head_scores, labels = _heads(result, scorer)
+    _, labels = _heads(result, scorer)
     response.headers.update(result.timing_headers())
     return ScoreResponse(
         model=scorer.manifest.model_name,
-        scores=scores.tolist(),
-        head_scores=head_scores,
+        scores=_optional(scores),
+        head_scores=_head_rows(result, scorer),
         labels=labels,
         truncated=result.truncated,
+        errors=_errors(result),
         usage=Usage(tokens=result.tokens),
     )
 
@@ -73,22 +106,25 @@ async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> Sc
 async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> RankResponse:
     """Responses to one prompt, best first (best-of-n, GRPO groups)."""
     result = await scorer.score(
-        [body.item(r) for r in body.responses], truncate_response=body.truncate_response
+        [body.item(r) for r in body.responses],
+        truncate_response=body.truncate_response,
+        partial=True,
     )
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
-    # Stable: equal scores keep request order.
-    order = np.argsort(-scores, kind="stable")
+    # Stable: equal scores keep request order. Refused responses (NaN) are not ranked.
+    order = [int(i) for i in np.argsort(-scores, kind="stable") if i not in result.refused]
     if body.top_k is not None:
         order = order[: body.top_k]
-    head_scores, labels = _heads(result, scorer)
+    _, labels = _heads(result, scorer)
     response.headers.update(result.timing_headers())
     return RankResponse(
         model=scorer.manifest.model_name,
-        ranking=[RankedResponse(index=int(i), score=float(scores[i])) for i in order],
-        scores=scores.tolist(),
-        head_scores=head_scores,
+        ranking=[RankedResponse(index=i, score=float(scores[i])) for i in order],
+        scores=_optional(scores),
+        head_scores=_head_rows(result, scorer),
         labels=labels,
         truncated=result.truncated,
+        errors=_errors(result),
         usage=Usage(tokens=result.tokens),
     )
 
