@@ -10,6 +10,12 @@ Start a server first (``rmserve serve BUNDLE``). Then:
     python examples/trl_async_reward.py --url http://127.0.0.1:8000 --train \\
         --policy path/to/causal-lm --steps 2
 
+    # Against an ensemble bundle (rmserve train --ensemble 4): optimise the conservative
+    # reward mean - lambda * variance of the members (UWO, Coste et al. 2023), which resists
+    # reward over-optimisation; the members' mean std is logged as rmserve_reward/reward_std.
+    python examples/trl_async_reward.py --url http://127.0.0.1:8000 --train \\
+        --policy path/to/causal-lm --aggregate uwo --uwo-lambda 0.5
+
 The hook-up:
 
     import trl_async_reward  # this file, on the path
@@ -50,6 +56,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rmserve.client import (
+    Aggregate,
     AsyncTRLRewardFunction,
     RewardClient,
     RewardServerError,
@@ -69,16 +76,26 @@ def configure(
     api_key: str | None = None,
     normalize: bool = False,
     standard_format: Literal["pair", "concat"] = "pair",
+    aggregate: Aggregate | None = None,
+    uwo_lambda: float | None = None,
 ) -> AsyncTRLRewardFunction:
     """Set the server behind :func:`rmserve_reward` (``url=None``: ``$RMSERVE_BASE_URL``).
 
     ``standard_format`` says how string prompts are sent: ``"pair"`` for plain questions,
     ``"concat"`` for prompts already rendered in the reward model's text format (see
     docs/integrations.md). Conversational prompts are always sent as messages.
+    ``aggregate`` ("mean", "min" or "uwo" with ``uwo_lambda``) is how an ensemble bundle's
+    members become the reward (None: the server's RMSERVE_ENSEMBLE_AGGREGATE).
     """
     global _reward
     _reward = async_trl_reward_func(
-        url, name=NAME, api_key=api_key, normalize=normalize, standard_format=standard_format
+        url,
+        name=NAME,
+        api_key=api_key,
+        normalize=normalize,
+        standard_format=standard_format,
+        aggregate=aggregate,
+        uwo_lambda=uwo_lambda,
     )
     return _reward
 
@@ -172,6 +189,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--normalize", action="store_true", help="rewards on the bundle's reference scale"
     )
+    parser.add_argument(
+        "--aggregate",
+        choices=["mean", "min", "uwo"],
+        default=None,
+        help="an ensemble's reward: members' mean, min (WCO) or uwo (default: the server's)",
+    )
+    parser.add_argument(
+        "--uwo-lambda", type=float, default=None, help="variance weight of --aggregate uwo"
+    )
     parser.add_argument("--train", action="store_true", help="run GRPOTrainer for --steps")
     parser.add_argument("--policy", default=None, help="local causal LM to train (--train)")
     parser.add_argument("--steps", type=int, default=2, help="GRPO steps (--train)")
@@ -183,6 +209,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--output-dir", default=None, help="trainer output folder (default: a temporary one)"
     )
     return parser.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """The reward function's settings from the command line."""
+    return {
+        "api_key": args.api_key,
+        "normalize": args.normalize,
+        "aggregate": args.aggregate,
+        "uwo_lambda": args.uwo_lambda,
+    }
 
 
 def load_conversations(path: Path, limit: int) -> list[list[dict[str, str]]]:
@@ -224,7 +260,7 @@ def demo(args: argparse.Namespace, conversations: list[list[dict[str, str]]]) ->
 
     try:
         # Conversational: prompts are message lists, completions one assistant message each.
-        configure(args.url, api_key=args.api_key, normalize=args.normalize)
+        configure(args.url, **options(args))
         rewards, logged = call_like_grpo(
             rmserve_reward,
             loop,
@@ -239,9 +275,7 @@ def demo(args: argparse.Namespace, conversations: list[list[dict[str, str]]]) ->
         show("standard/pair", rewards)
         # Standard format with prompts already in the model's text format: scored as text.
         loop.run(aclose())
-        configure(
-            args.url, api_key=args.api_key, normalize=args.normalize, standard_format="concat"
-        )
+        configure(args.url, **options(args), standard_format="concat")
         texts = [hh_prompt_text(c) for c in conversations for _ in range(g)]
         rewards, _ = call_like_grpo(rmserve_reward, loop, texts, completions)
         show("standard/concat", rewards)
@@ -264,12 +298,10 @@ def train(args: argparse.Namespace, conversations: list[list[dict[str, str]]]) -
     rows: list[dict[str, Any]]
     if tokenizer.chat_template:  # a chat model: TRL's conversational format
         rows = [{"prompt": c[:-1]} for c in conversations]
-        configure(args.url, api_key=args.api_key, normalize=args.normalize)
+        configure(args.url, **options(args))
     else:  # a base model: the HH transcript text up to the assistant's turn
         rows = [{"prompt": hh_prompt_text(c)} for c in conversations]
-        configure(
-            args.url, api_key=args.api_key, normalize=args.normalize, standard_format="concat"
-        )
+        configure(args.url, **options(args), standard_format="concat")
     config = GRPOConfig(
         output_dir=args.output_dir or tempfile.mkdtemp(prefix="grpo-rmserve-async-"),
         max_steps=args.steps,

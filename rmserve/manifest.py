@@ -3,7 +3,8 @@
 A bundle is a directory::
 
     model.onnx          fp32 model: input_ids, attention_mask (int64, [batch, seq]) -> reward
-                        ([batch], or [batch, K] for a model with K > 1 heads)
+                        ([batch], or [batch, K] for a model with K > 1 heads or an
+                        ensemble of K members)
     model.onnx.data     the weights as ONNX external data, for models past protobuf's 2 GB
     model.int8.onnx     optional dynamic-int8 variant for CPU
     model.fp16.onnx     optional fp16 variant for GPU (``model.fp16.onnx.data`` when large)
@@ -13,7 +14,14 @@ A bundle is a directory::
 Every file of the bundle is listed with its sha256 (``files``), and :func:`load_bundle` checks
 them all before the service opens its port. Format version 2 added the text formats of
 :mod:`rmserve.formatting` (chat templates, text pairs), the heads (``labels``,
-``reward_head``) and ``files``; version 1 bundles are still read.
+``reward_head``) and ``files``; version 1 bundles are still read. The optional ``ensemble``
+section (issue 13) needs no new version: a bundle without it is not an ensemble, and a reader
+that predates it would serve the K columns as K heads, which they are.
+
+An ensemble bundle is one graph whose ``reward`` is [batch, K], column k = member k, labels
+``member_0`` .. ``member_{K-1}``. Its ``normalization`` is measured on the members' mean reward
+and its ``evaluation`` is the accuracy of that mean; ``ensemble`` adds each member's accuracy
+and parity and how much the members disagree.
 
 Training writes it (``rmserve export``); the service reads it with :func:`load_bundle`, which
 refuses a bundle whose manifest is missing, malformed, of an unknown format version, or whose
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -39,10 +47,12 @@ __all__ = [
     "VARIANT_FILES",
     "Architecture",
     "BundleError",
+    "Ensemble",
     "Evaluation",
     "Manifest",
     "Normalization",
     "Variant",
+    "ensemble_labels",
     "load_bundle",
     "sha256_file",
 ]
@@ -101,6 +111,26 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Ensemble:
+    """K reward models served as one graph: output [batch, K], column k = member k."""
+
+    members: int  # K >= 2; len(Manifest.labels) == K, labels "member_0" .. "member_{K-1}"
+    # How members differ, in words, e.g. "shared backbone, one linear head per member, each on
+    # its own bootstrap resample and seed".
+    diversity: str
+    member_accuracy: tuple[float, ...]  # each member's accuracy on the eval set; () without one
+    member_parity: tuple[float, ...]  # each member's fp32 max |torch - onnxruntime| (len K)
+    # Measured on the eval set, e.g. {"mean_std": ..., "split_pairs": fraction of pairs the
+    # members do not all decide alike}.
+    disagreement: dict[str, float]
+
+
+def ensemble_labels(members: int) -> tuple[str, ...]:
+    """The labels of an ensemble's K outputs: ``member_0`` .. ``member_{K-1}``."""
+    return tuple(f"member_{k}" for k in range(members))
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     model_name: str
@@ -123,15 +153,24 @@ class Manifest:
     reward_head: int = 0
     # Every other file of the bundle (ONNX external data) with its sha256.
     files: dict[str, str] = field(default_factory=dict)
+    # Set when the K outputs are the members of one ensemble rather than K objectives.
+    ensemble: Ensemble | None = None
 
     @property
     def num_heads(self) -> int:
         return len(self.labels)
 
+    @property
+    def is_ensemble(self) -> bool:
+        return self.ensemble is not None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["text_format"] = self.text_format.to_dict()
         data["labels"] = list(self.labels)
+        if self.ensemble is not None:
+            data["ensemble"]["member_accuracy"] = list(self.ensemble.member_accuracy)
+            data["ensemble"]["member_parity"] = list(self.ensemble.member_parity)
         return data
 
     def public(self) -> dict[str, Any]:
@@ -284,6 +323,10 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
             shorter_wins_accuracy=ev.get("shorter_wins_accuracy"),
         )
 
+    ensemble = None
+    if data.get("ensemble") is not None:
+        ensemble = _parse_ensemble(section("ensemble"), labels, fail)
+
     raw_variants = section("variants")
     if not raw_variants:
         raise fail("variants must list at least one model file (fp32: model.onnx)")
@@ -325,4 +368,51 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         labels=tuple(labels),
         reward_head=reward_head,
         files=dict(files),
+        ensemble=ensemble,
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_ensemble(
+    raw: Mapping[str, Any], labels: list[str], fail: Callable[[str], BundleError]
+) -> Ensemble:
+    """The ``ensemble`` section, checked against the labels: a service that averages K
+    columns must know that there are K, and which is which."""
+    members = raw.get("members")
+    if isinstance(members, bool) or not isinstance(members, int) or members < 2:
+        raise fail(f"ensemble.members must be an integer of at least 2, got {members!r}")
+    expected = list(ensemble_labels(members))
+    if labels != expected:
+        raise fail(
+            f"an ensemble of {members} members must have the labels {expected} (one output "
+            f"column per member), got {labels}; export the ensemble again"
+        )
+    diversity = raw.get("diversity")
+    if not isinstance(diversity, str) or not diversity.strip():
+        raise fail("ensemble.diversity must say in words how the members differ")
+
+    def numbers(key: str, lengths: tuple[int, ...]) -> tuple[float, ...]:
+        value = raw.get(key)
+        if not isinstance(value, list) or not all(_is_number(v) for v in value):
+            raise fail(f"ensemble.{key} must be a list of numbers, one per member")
+        if len(value) not in lengths:
+            wanted = " or ".join(str(n) for n in lengths)
+            raise fail(f"ensemble.{key} has {len(value)} values; expected {wanted}")
+        return tuple(float(v) for v in value)
+
+    disagreement = raw.get("disagreement")
+    if not isinstance(disagreement, Mapping) or not all(
+        isinstance(k, str) and _is_number(v) for k, v in disagreement.items()
+    ):
+        raise fail("ensemble.disagreement must map names to numbers")
+    return Ensemble(
+        members=members,
+        diversity=diversity,
+        # Empty when the bundle was exported without an eval set.
+        member_accuracy=numbers("member_accuracy", (0, members)),
+        member_parity=numbers("member_parity", (members,)),
+        disagreement={k: float(v) for k, v in disagreement.items()},
     )

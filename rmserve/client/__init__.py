@@ -55,6 +55,7 @@ from rmserve.client._trl import (
     trl_reward_func,
 )
 from rmserve.client._types import (
+    Aggregate,
     BestOfN,
     CompareResult,
     ItemError,
@@ -73,6 +74,7 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "Aggregate",
     "AsyncRewardClient",
     "AsyncTRLRewardFunction",
     "AuthenticationError",

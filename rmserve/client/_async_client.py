@@ -50,11 +50,13 @@ from rmserve.client._payloads import (
     rank_body,
     rank_from_scores,
     score_body,
+    scoring_options,
     shift_item_index,
     text_items,
 )
 from rmserve.client._retry import is_retryable_status
 from rmserve.client._types import (
+    Aggregate,
     CompareResult,
     Conversation,
     ModelInfo,
@@ -148,10 +150,20 @@ class AsyncRewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each (prompt, response) pair, in input order (see RewardClient.score)."""
         items = pair_items(prompts, responses)
-        return await self._score_items(items, normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return await self._score_items(items, options)
 
     async def score_messages(
         self,
@@ -159,10 +171,20 @@ class AsyncRewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
         items = conversation_items(conversations)
-        return await self._score_items(items, normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return await self._score_items(items, options)
 
     async def score_texts(
         self,
@@ -170,9 +192,19 @@ class AsyncRewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
-        return await self._score_items(text_items(texts), normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return await self._score_items(text_items(texts), options)
 
     async def rank(
         self,
@@ -182,13 +214,22 @@ class AsyncRewardClient:
         top_k: int | None = None,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> RankResult:
         """Responses to one prompt, best first (see RewardClient.rank)."""
-        options: dict[str, Any] = {"normalize": normalize, "truncate_response": truncate_response}
-        body = rank_body(prompt, responses, top_k, **options)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        body = rank_body(prompt, responses, top_k, options)
         if len(responses) <= self.max_items_per_request:
             return parse_rank(await self._request("POST", "/v1/rank", body), len(responses))
-        result = await self.score([prompt] * len(responses), responses, **options)
+        result = await self._score_items(pair_items([prompt] * len(responses), responses), options)
         return rank_from_scores(result, top_k)
 
     async def compare(
@@ -199,13 +240,23 @@ class AsyncRewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> CompareResult:
         """Rewards of two responses and the probability that ``a`` is preferred.
 
         ``p_a_preferred`` is sigmoid(raw_a - raw_b), the model's Bradley-Terry probability,
         whether or not ``normalize`` rescales ``scores``.
         """
-        body = compare_body(prompt, a, b, normalize=normalize, truncate_response=truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        body = compare_body(prompt, a, b, options)
         return parse_compare(await self._request("POST", "/v1/compare", body))
 
     # -- model and health ---------------------------------------------------------------
@@ -249,13 +300,11 @@ class AsyncRewardClient:
 
     # -- internals ----------------------------------------------------------------------
 
-    async def _score_items(
-        self, items: list[JSON], normalize: bool, truncate_response: bool | None
-    ) -> ScoreResult:
+    async def _score_items(self, items: list[JSON], options: JSON) -> ScoreResult:
         chunks = chunked(items, self.max_items_per_request)
 
         async def send(chunk: Sequence[JSON], offset: int) -> ScoreChunk:
-            body = score_body(chunk, normalize=normalize, truncate_response=truncate_response)
+            body = score_body(chunk, options)
             try:
                 response = await self._request("POST", "/v1/score", body)
             except APIStatusError as e:

@@ -51,11 +51,13 @@ from rmserve.client._payloads import (
     rank_body,
     rank_from_scores,
     score_body,
+    scoring_options,
     shift_item_index,
     text_items,
 )
 from rmserve.client._retry import is_retryable_status
 from rmserve.client._types import (
+    Aggregate,
     CompareResult,
     Conversation,
     ModelInfo,
@@ -160,6 +162,9 @@ class RewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each (prompt, response) pair, in input order.
 
@@ -170,7 +175,14 @@ class RewardClient:
         ``result.errors`` says why (a call with no item left raises the 422); None leaves it
         to the server's RMSERVE_TRUNCATE_RESPONSE (default: refuse).
         """
-        return self._score_items(pair_items(prompts, responses), normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return self._score_items(pair_items(prompts, responses), options)
 
     def score_messages(
         self,
@@ -178,10 +190,20 @@ class RewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
         items = conversation_items(conversations)
-        return self._score_items(items, normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return self._score_items(items, options)
 
     def score_texts(
         self,
@@ -189,9 +211,19 @@ class RewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
-        return self._score_items(text_items(texts), normalize, truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        return self._score_items(text_items(texts), options)
 
     def rank(
         self,
@@ -201,17 +233,26 @@ class RewardClient:
         top_k: int | None = None,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> RankResult:
         """Responses to one prompt, best first, with every score in request order.
 
         Up to ``max_items_per_request`` responses go in one ``/v1/rank`` request; more are
         scored in chunks and ranked here the same way (highest first, ties by position).
         """
-        options: dict[str, Any] = {"normalize": normalize, "truncate_response": truncate_response}
-        body = rank_body(prompt, responses, top_k, **options)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        body = rank_body(prompt, responses, top_k, options)
         if len(responses) <= self.max_items_per_request:
             return parse_rank(self._request("POST", "/v1/rank", body), len(responses))
-        result = self.score([prompt] * len(responses), responses, **options)
+        result = self._score_items(pair_items([prompt] * len(responses), responses), options)
         return rank_from_scores(result, top_k)
 
     def compare(
@@ -222,13 +263,23 @@ class RewardClient:
         *,
         normalize: bool = False,
         truncate_response: bool | None = None,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
+        return_members: bool = False,
     ) -> CompareResult:
         """Rewards of two responses and the probability that ``a`` is preferred.
 
         ``p_a_preferred`` is sigmoid(raw_a - raw_b), the model's Bradley-Terry probability,
         whether or not ``normalize`` rescales ``scores``.
         """
-        body = compare_body(prompt, a, b, normalize=normalize, truncate_response=truncate_response)
+        options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+            return_members=return_members,
+        )
+        body = compare_body(prompt, a, b, options)
         return parse_compare(self._request("POST", "/v1/compare", body))
 
     # -- model and health ---------------------------------------------------------------
@@ -276,13 +327,11 @@ class RewardClient:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _score_items(
-        self, items: list[JSON], normalize: bool, truncate_response: bool | None
-    ) -> ScoreResult:
+    def _score_items(self, items: list[JSON], options: JSON) -> ScoreResult:
         chunks = chunked(items, self.max_items_per_request)
 
         def send(chunk: Sequence[JSON], offset: int) -> ScoreChunk:
-            body = score_body(chunk, normalize=normalize, truncate_response=truncate_response)
+            body = score_body(chunk, options)
             try:
                 response = self._request("POST", "/v1/score", body)
             except APIStatusError as e:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -45,6 +45,7 @@ __all__ = [
     "rank_body",
     "rank_from_scores",
     "score_body",
+    "scoring_options",
     "shift_item_index",
     "text_items",
 ]
@@ -160,31 +161,51 @@ def shift_item_index(error: APIStatusError, offset: int) -> None:
         error.args = (str(error.args[0]) + f" (item {index + offset} of the call)",)
 
 
-def _with_truncation(body: JSON, truncate_response: bool | None) -> JSON:
-    """None leaves the choice to the server (RMSERVE_TRUNCATE_RESPONSE, default refuse)."""
+AGGREGATES = ("mean", "min", "uwo")
+
+
+def scoring_options(
+    *,
+    normalize: bool,
+    truncate_response: bool | None,
+    aggregate: str | None = None,
+    uwo_lambda: float | None = None,
+    return_members: bool = False,
+) -> JSON:
+    """The body fields every scoring request shares; None leaves a choice to the server
+    (truncation: RMSERVE_TRUNCATE_RESPONSE; aggregate: RMSERVE_ENSEMBLE_AGGREGATE)."""
+    options: JSON = {"normalize": normalize}
     if truncate_response is not None:
-        body["truncate_response"] = truncate_response
-    return body
+        options["truncate_response"] = truncate_response
+    if aggregate is not None:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+        options["aggregate"] = aggregate
+    if uwo_lambda is not None:
+        if isinstance(uwo_lambda, bool) or not isinstance(uwo_lambda, (int, float)):
+            raise TypeError(f"uwo_lambda must be a number, got {type(uwo_lambda).__name__}")
+        if not (math.isfinite(uwo_lambda) and uwo_lambda >= 0):
+            raise ValueError(f"uwo_lambda must be a finite number >= 0, got {uwo_lambda}")
+        options["uwo_lambda"] = float(uwo_lambda)
+    if return_members:
+        options["return_members"] = True
+    return options
 
 
-def score_body(items: Sequence[JSON], *, normalize: bool, truncate_response: bool | None) -> JSON:
-    return _with_truncation({"items": list(items), "normalize": normalize}, truncate_response)
+def score_body(items: Sequence[JSON], options: JSON) -> JSON:
+    return {"items": list(items), **options}
 
 
 def rank_body(
     prompt: Prompt,
     responses: Sequence[str],
     top_k: int | None,
-    *,
-    normalize: bool,
-    truncate_response: bool | None,
+    options: JSON,
 ) -> JSON:
     responses = check_sequence(responses, "responses")
     if not responses:
         raise ValueError("responses is empty; rank needs at least one response")
-    body = prompt_fields(prompt)
-    body["normalize"] = normalize
-    _with_truncation(body, truncate_response)
+    body = prompt_fields(prompt) | options
     body["responses"] = [_check_str(r, f"responses[{i}]") for i, r in enumerate(responses)]
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -193,12 +214,8 @@ def rank_body(
     return body
 
 
-def compare_body(
-    prompt: Prompt, a: str, b: str, *, normalize: bool, truncate_response: bool | None
-) -> JSON:
-    body = prompt_fields(prompt)
-    body["normalize"] = normalize
-    _with_truncation(body, truncate_response)
+def compare_body(prompt: Prompt, a: str, b: str, options: JSON) -> JSON:
+    body = prompt_fields(prompt) | options
     body["a"] = _check_str(a, "a")
     body["b"] = _check_str(b, "b")
     return body
@@ -279,7 +296,7 @@ def _item_errors(response: httpx.Response, body: JSON, n: int) -> list[ItemError
 class ScoreChunk:
     """The parsed answer to one ``/v1/score`` request (one chunk of a call)."""
 
-    __slots__ = ("errors", "model", "scores", "tokens", "truncated")
+    __slots__ = ("aggregate", "errors", "members", "model", "scores", "std", "tokens", "truncated")
 
     def __init__(
         self,
@@ -288,12 +305,41 @@ class ScoreChunk:
         truncated: list[bool],
         tokens: int,
         errors: list[ItemError] | None = None,
+        spread: Spread | None = None,
     ):
         self.model = model
         self.scores = scores
         self.truncated = truncated
         self.tokens = tokens
         self.errors = errors or []  # indices within this chunk
+        spread = spread or Spread((), None, None)
+        self.std, self.aggregate, self.members = spread
+
+
+class Spread(NamedTuple):
+    """An answer's ensemble fields: the members' std, the aggregate, the members if asked."""
+
+    std: tuple[float, ...]
+    aggregate: str | None
+    members: tuple[tuple[float, ...], ...] | None
+
+
+def _spread(response: httpx.Response, body: JSON, n: int, refused: AbstractSet[int]) -> Spread:
+    """The ensemble fields of an answer; empty from a server that predates them."""
+    std = tuple(_float_list(response, body, "std", n, refused)) if "std" in body else ()
+    aggregate = body.get("aggregate")
+    raw = body.get("members")
+    members = None
+    if raw is not None:
+        if not isinstance(raw, list) or len(raw) != n:
+            raise _invalid(response, f"'members' is not a list of {n} rows")
+        members = tuple(
+            (math.nan,)
+            if row is None and i in refused
+            else tuple(_float_list(response, {"members": row}, "members", None))
+            for i, row in enumerate(raw)
+        )
+    return Spread(std, aggregate if isinstance(aggregate, str) else None, members)
 
 
 def _model(response: httpx.Response, body: JSON) -> str:
@@ -306,10 +352,12 @@ def _model(response: httpx.Response, body: JSON) -> str:
 def parse_score_chunk(response: httpx.Response, n_items: int) -> ScoreChunk:
     body = _json_object(response)
     errors = _item_errors(response, body, n_items)
-    scores = _float_list(response, body, "scores", n_items, {e.index for e in errors})
+    refused = {e.index for e in errors}
+    scores = _float_list(response, body, "scores", n_items, refused)
     truncated = _truncated(response, body, n_items)
     tokens = _tokens(response, body)
-    return ScoreChunk(_model(response, body), scores, truncated, tokens, errors)
+    spread = _spread(response, body, n_items, refused)
+    return ScoreChunk(_model(response, body), scores, truncated, tokens, errors, spread)
 
 
 def merge_score_chunks(chunks: Sequence[ScoreChunk]) -> ScoreResult:
@@ -318,13 +366,26 @@ def merge_score_chunks(chunks: Sequence[ScoreChunk]) -> ScoreResult:
     scores: list[float] = []
     truncated: list[bool] = []
     errors: list[ItemError] = []
+    std: list[float] = []
+    members: list[tuple[float, ...]] = []
     for chunk in chunks:
         errors.extend(replace(e, index=e.index + len(scores)) for e in chunk.errors)
         scores.extend(chunk.scores)
         truncated.extend(chunk.truncated)
+        std.extend(chunk.std)
+        members.extend(chunk.members or ())
     model = chunks[0].model if chunks else ""
     tokens = sum(chunk.tokens for chunk in chunks)
-    return ScoreResult(model, tuple(scores), tuple(truncated), Usage(tokens), tuple(errors))
+    return ScoreResult(
+        model,
+        tuple(scores),
+        tuple(truncated),
+        Usage(tokens),
+        tuple(errors),
+        std=tuple(std),
+        aggregate=chunks[0].aggregate if chunks else None,
+        members=tuple(members) if any(c.members is not None for c in chunks) else None,
+    )
 
 
 def _truncated(response: httpx.Response, body: JSON, n: int) -> list[bool]:
@@ -360,8 +421,9 @@ def parse_rank(response: httpx.Response, n_responses: int) -> RankResult:
             raise _invalid(response, f"ranking entry {entry!r} is not {{index, score}} in range")
         ranking.append(RankedResponse(index, score))
     errors = _item_errors(response, body, n_responses)
+    refused = {e.index for e in errors}
     if "scores" in body:
-        scores = _float_list(response, body, "scores", n_responses, {e.index for e in errors})
+        scores = _float_list(response, body, "scores", n_responses, refused)
     elif len(ranking) == n_responses:  # an older server: rebuild request order from ranking
         scores = [0.0] * n_responses
         for entry in ranking:
@@ -375,6 +437,7 @@ def parse_rank(response: httpx.Response, n_responses: int) -> RankResult:
         tuple(_truncated(response, body, n_responses)),
         Usage(_tokens(response, body)),
         tuple(errors),
+        *_spread(response, body, n_responses, refused),
     )
 
 
@@ -408,6 +471,7 @@ def parse_compare(response: httpx.Response) -> CompareResult:
         p,
         (truncated[0], truncated[1]),
         Usage(_tokens(response, body)),
+        *_spread(response, body, 2, frozenset()),
     )
 
 

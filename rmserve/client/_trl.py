@@ -17,6 +17,10 @@ model's text format (an HH transcript ending in ``"\n\nAssistant:"``), pass
 ``standard_format="concat"``: ``prompt + completion`` is then scored as caller-rendered text,
 which is what TRL itself does with a local reward model.
 
+Against an ensemble bundle, ``aggregate="uwo"`` (with ``uwo_lambda``) or ``"min"`` makes the
+reward conservative where the members disagree (Coste et al. 2023), and the members' mean std
+is logged as ``<name>/reward_std``.
+
 The functions are callable objects rather than closures so that they pickle (TRL and
 accelerate may pickle reward functions): the HTTP client is dropped on pickling and made
 again on first use. An async function is detected by TRL through its ``async __call__`` and
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,8 +46,8 @@ from rmserve.client._base import (
     ClientConfig,
 )
 from rmserve.client._client import RewardClient
-from rmserve.client._payloads import JSON, pair_items, prompt_fields
-from rmserve.client._types import ScoreResult
+from rmserve.client._payloads import JSON, pair_items, prompt_fields, scoring_options
+from rmserve.client._types import Aggregate, ScoreResult
 
 __all__ = [
     "AsyncTRLRewardFunction",
@@ -103,6 +108,8 @@ class _RewardFunctionBase:
         api_key: str | None,
         normalize: bool,
         truncate_response: bool,
+        aggregate: Aggregate | None,
+        uwo_lambda: float | None,
         standard_format: StandardFormat,
         timeout: float | httpx.Timeout | None,
         max_retries: int,
@@ -118,6 +125,13 @@ class _RewardFunctionBase:
             raise ValueError(f"standard_format must be 'pair' or 'concat', got {standard_format!r}")
         self.normalize = normalize
         self.truncate_response = truncate_response
+        # Checked now, so a bad aggregate fails at construction, not at the first step.
+        self._options = scoring_options(
+            normalize=normalize,
+            truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
+        )
         self.standard_format: StandardFormat = standard_format
         self._client_kwargs: dict[str, Any] = {
             "api_key": api_key,
@@ -133,6 +147,9 @@ class _RewardFunctionBase:
         if callable(log_metric) and len(result):
             fraction = sum(result.truncated) / len(result)
             log_metric(f"{self.__name__}/truncated_fraction", fraction)
+            spread = [s for s in result.std if not math.isnan(s)]
+            if spread and any(spread):  # an ensemble: how much its members disagree
+                log_metric(f"{self.__name__}/reward_std", sum(spread) / len(spread))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.__name__!r}, base_url={self.base_url!r})"
@@ -149,6 +166,8 @@ class TRLRewardFunction(_RewardFunctionBase):
         api_key: str | None = None,
         normalize: bool = False,
         truncate_response: bool = True,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
         standard_format: StandardFormat = "pair",
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
@@ -162,6 +181,8 @@ class TRLRewardFunction(_RewardFunctionBase):
             api_key=api_key,
             normalize=normalize,
             truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
             standard_format=standard_format,
             timeout=timeout,
             max_retries=max_retries,
@@ -184,7 +205,7 @@ class TRLRewardFunction(_RewardFunctionBase):
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float]:
         items = trl_items(prompts, completions, self.standard_format)
-        result = self.client._score_items(items, self.normalize, self.truncate_response)
+        result = self.client._score_items(items, self._options)
         self._log(result, kwargs)
         return list(result.scores)
 
@@ -213,6 +234,8 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
         api_key: str | None = None,
         normalize: bool = False,
         truncate_response: bool = True,
+        aggregate: Aggregate | None = None,
+        uwo_lambda: float | None = None,
         standard_format: StandardFormat = "pair",
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
@@ -225,6 +248,8 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
             api_key=api_key,
             normalize=normalize,
             truncate_response=truncate_response,
+            aggregate=aggregate,
+            uwo_lambda=uwo_lambda,
             standard_format=standard_format,
             timeout=timeout,
             max_retries=max_retries,
@@ -260,7 +285,7 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
     ) -> list[float]:
         items = trl_items(prompts, completions, self.standard_format)
         client = self._client_for_this_loop()
-        result = await client._score_items(items, self.normalize, self.truncate_response)
+        result = await client._score_items(items, self._options)
         self._log(result, kwargs)
         return list(result.scores)
 
@@ -284,6 +309,8 @@ def trl_reward_func(
     api_key: str | None = None,
     normalize: bool = False,
     truncate_response: bool = True,
+    aggregate: Aggregate | None = None,
+    uwo_lambda: float | None = None,
     standard_format: StandardFormat = "pair",
     timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
     max_retries: int = DEFAULT_MAX_RETRIES,
@@ -304,6 +331,8 @@ def trl_reward_func(
         api_key=api_key,
         normalize=normalize,
         truncate_response=truncate_response,
+        aggregate=aggregate,
+        uwo_lambda=uwo_lambda,
         standard_format=standard_format,
         timeout=timeout,
         max_retries=max_retries,
@@ -320,6 +349,8 @@ def async_trl_reward_func(
     api_key: str | None = None,
     normalize: bool = False,
     truncate_response: bool = True,
+    aggregate: Aggregate | None = None,
+    uwo_lambda: float | None = None,
     standard_format: StandardFormat = "pair",
     timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
     max_retries: int = DEFAULT_MAX_RETRIES,
@@ -333,6 +364,8 @@ def async_trl_reward_func(
         api_key=api_key,
         normalize=normalize,
         truncate_response=truncate_response,
+        aggregate=aggregate,
+        uwo_lambda=uwo_lambda,
         standard_format=standard_format,
         timeout=timeout,
         max_retries=max_retries,

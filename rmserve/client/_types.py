@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 __all__ = [
+    "Aggregate",
     "BestOfN",
     "CompareResult",
     "Conversation",
@@ -31,6 +32,10 @@ class Message(TypedDict):
     role: str
     content: str
 
+
+# How an ensemble's members become one reward (the server's RMSERVE_ENSEMBLE_AGGREGATE when
+# not given): their mean, their minimum (worst case), or mean - uwo_lambda * variance.
+Aggregate = Literal["mean", "min", "uwo"]
 
 # A conversation whose last message is the assistant response to score.
 Conversation = Sequence[Mapping[str, Any]]
@@ -67,6 +72,12 @@ class ScoreResult:
     truncated: tuple[bool, ...]
     usage: Usage
     errors: tuple[ItemError, ...] = ()
+    # An ensemble's members' standard deviation per item (0.0 for one model; () from a server
+    # that predates ensembles), the aggregate ``scores`` holds, and with return_members=True
+    # each item's reward by every member.
+    std: tuple[float, ...] = ()
+    aggregate: str | None = None
+    members: tuple[tuple[float, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -88,6 +99,9 @@ class RankResult:
     truncated: tuple[bool, ...]  # in request order
     usage: Usage
     errors: tuple[ItemError, ...] = ()  # responses not scored, hence not ranked
+    std: tuple[float, ...] = ()  # the members' std per response, request order
+    aggregate: str | None = None
+    members: tuple[tuple[float, ...], ...] | None = None  # with return_members=True
 
     @property
     def best(self) -> RankedResponse:
@@ -107,6 +121,9 @@ class CompareResult:
     p_a_preferred: float  # sigmoid(raw_a - raw_b), whatever normalize says
     truncated: tuple[bool, bool]
     usage: Usage
+    std: tuple[float, ...] = ()  # the members' std of a and of b
+    aggregate: str | None = None
+    members: tuple[tuple[float, ...], ...] | None = None  # with return_members=True
 
     @property
     def preferred(self) -> Literal["a", "b"]:

@@ -9,6 +9,7 @@ the tests do. Names (DESIGN.md):
     rmserve_tokens_total                        counter: real (unpadded) tokens scored
     rmserve_truncated_items_total               counter: items cut to fit max_length
     rmserve_refused_items_total{reason}         counter: items that could not be scored
+    rmserve_member_std                          summary: ensemble members' std per item
     rmserve_queue_items                         gauge: items waiting for a batch
     rmserve_batch_size                          histogram: items per batch
     rmserve_batch_tokens                        histogram: padded tokens per batch
@@ -19,7 +20,16 @@ the tests do. Names (DESIGN.md):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rmserve.service.batcher import BatchStats
@@ -62,6 +72,12 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        # A summary's _sum / _count is the mean std of scored items (rate() them for a window).
+        self.member_std = Summary(
+            "rmserve_member_std",
+            "Standard deviation of an ensemble's members per scored item (0 for one model)",
+            registry=r,
+        )
         self.queue_items = Gauge("rmserve_queue_items", "Items waiting for a batch", registry=r)
         self.batch_size = Histogram(
             "rmserve_batch_size", "Items per model batch", buckets=_BATCH_SIZE_BUCKETS, registry=r
@@ -98,6 +114,11 @@ class ServiceMetrics:
         self.inference_duration.observe(stats.inference_s)
         self.items.inc(stats.size)
         self.tokens.inc(stats.real_tokens)
+
+    def observe_std(self, std: npt.NDArray[np.float64]) -> None:
+        """One observation per scored item: the mean is rmserve_member_std_sum / _count."""
+        for value in std.tolist():
+            self.member_std.observe(value)
 
     def set_queue_items(self, n: int) -> None:
         self.queue_items.set(n)

@@ -29,6 +29,7 @@ __all__ = [
     "ClassifyUsage",
     "CompareRequest",
     "CompareResponse",
+    "EnsembleOptions",
     "ErrorDetail",
     "ErrorResponse",
     "GetRewardRequest",
@@ -116,6 +117,38 @@ _TRUNCATE_RESPONSE = Field(
 )
 
 
+class EnsembleOptions(BaseModel):
+    """How an ensemble's members become the reward (one model is an ensemble of one)."""
+
+    aggregate: Literal["mean", "min", "uwo"] | None = Field(
+        default=None,
+        description="mean of the members, min (worst-case optimisation) or uwo (mean - "
+        "uwo_lambda * variance; uncertainty-weighted). Absent: the server's "
+        "RMSERVE_ENSEMBLE_AGGREGATE (default mean).",
+    )
+    uwo_lambda: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="The variance weight of uwo (absent: RMSERVE_UWO_LAMBDA); only with uwo.",
+    )
+    return_members: bool = Field(
+        default=False, description="Add members: each item's reward by every member."
+    )
+
+
+_STD = Field(
+    description="The ensemble members' standard deviation per item (0 for one model; null for "
+    "an item in errors); in normalized units when normalize is true."
+)
+_MEMBERS = Field(
+    default=None,
+    description="Only with return_members: each item's reward by every member (one for a "
+    "single model), normalized when asked; null for an item in errors.",
+)
+_AGGREGATE = Field(description="The aggregate scores holds: mean, min or uwo.")
+
+
 class ItemError(BaseModel):
     """Why one item of a multi-item request got no score (its score is null)."""
 
@@ -137,7 +170,7 @@ class Usage(BaseModel):
     tokens: int = Field(description="Tokens the model read (special tokens included).")
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(EnsembleOptions):
     model_config = _STRICT
     items: list[ScoreItem] = Field(min_length=1, description="Items to score.")
     normalize: bool = Field(
@@ -161,8 +194,12 @@ _LABELS = Field(
 class ScoreResponse(BaseModel):
     model: str
     scores: list[float | None] = Field(
-        description="The reward (head) of each item, in order; null for an item in errors."
+        description="The reward of each item, in order (the reward head, or the ensemble's "
+        "aggregate); null for an item in errors."
     )
+    aggregate: str = _AGGREGATE
+    std: list[float | None] = _STD
+    members: list[list[float] | None] | None = _MEMBERS
     head_scores: list[list[float] | None] | None = _HEAD_SCORES
     labels: list[str] | None = _LABELS
     truncated: list[bool]
@@ -170,7 +207,7 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
-class _PromptedRequest(BaseModel):
+class _PromptedRequest(EnsembleOptions):
     model_config = _STRICT
     prompt: str | None = Field(default=None, description="The prompt as a string.")
     messages: list[ChatMessage] | None = Field(
@@ -209,6 +246,9 @@ class RankResponse(BaseModel):
     scores: list[float | None] = Field(
         description="All scores, in request order; null for a response in errors."
     )
+    aggregate: str = _AGGREGATE
+    std: list[float | None] = _STD
+    members: list[list[float] | None] | None = _MEMBERS
     head_scores: list[list[float] | None] | None = _HEAD_SCORES
     labels: list[str] | None = _LABELS
     truncated: list[bool]
@@ -224,7 +264,12 @@ class CompareRequest(_PromptedRequest):
 class CompareResponse(BaseModel):
     model: str
     scores: list[float] = Field(description="[score of a, score of b]")
-    p_a_preferred: float = Field(description="sigmoid(raw a - raw b): Bradley-Terry P(a > b).")
+    p_a_preferred: float = Field(
+        description="sigmoid(raw a - raw b): Bradley-Terry P(a > b), of the raw aggregate."
+    )
+    aggregate: str = _AGGREGATE
+    std: list[float] = _STD
+    members: list[list[float]] | None = _MEMBERS
     head_scores: list[list[float]] | None = _HEAD_SCORES
     labels: list[str] | None = _LABELS
     truncated: list[bool]
@@ -259,7 +304,8 @@ class GetRewardResponse(BaseModel):
     extra_logs: dict[str, Any] = Field(
         default_factory=dict,
         description="Per query, what OpenRLHF logs beside the reward: `truncated` (1.0 when "
-        "tokens were cut to fit max_length, else 0.0).",
+        "tokens were cut to fit max_length, else 0.0) and, for an ensemble bundle, "
+        "`reward_std` (the members' standard deviation).",
     )
 
 

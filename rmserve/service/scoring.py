@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from rmserve.manifest import Manifest, load_bundle
 from rmserve.service.batcher import Batcher, BatcherClosedError, InferenceError, QueueFullError
+from rmserve.service.ensemble import Aggregate, AggregateName, member_rewards
 from rmserve.service.errors import ApiError
 from rmserve.service.metrics import ServiceMetrics
 from rmserve.service.runtime import ModelRuntime
@@ -119,8 +120,11 @@ def _refusal(e: QueueFullError | BatcherClosedError) -> ApiError:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    scores: npt.NDArray[np.float32]  # (n,) raw rewards (the reward head), request order
+    # (n,) raw rewards, request order: the reward head, or an ensemble's aggregate
+    scores: npt.NDArray[np.floating]
     head_scores: npt.NDArray[np.float32]  # (n, K) raw values of every head, request order
+    members: npt.NDArray[np.float32]  # (n, M) an ensemble's members; (n, 1) for one model
+    std: npt.NDArray[np.float64]  # (n,) the members' standard deviation (0 for one model)
     truncated: list[bool]
     tokens: int
     tokenize_s: float
@@ -153,6 +157,7 @@ class Scorer:
         self.batcher = batcher
         self.max_items = settings.max_items_per_request
         self.truncate_response = settings.truncate_response  # when the request does not say
+        self.aggregate = Aggregate(settings.ensemble_aggregate, settings.uwo_lambda)
         self.metrics = metrics
 
     async def score(
@@ -161,8 +166,10 @@ class Scorer:
         *,
         truncate_response: bool | None,
         partial: bool = False,
+        aggregate: Aggregate | None = None,
     ) -> ScoreResult:
-        """Score ``items``; ``truncate_response`` None means the server's setting.
+        """Score ``items``; ``truncate_response`` and ``aggregate`` None mean the server's
+        settings (the aggregate of an ensemble's members; any other model is one member).
 
         An item that cannot be scored fails the request (its 4xx), unless ``partial`` and
         some other item can be scored: then it is left out, its row NaN, and ``refused`` says
@@ -199,9 +206,15 @@ class Scorer:
             raise ApiError(500, "inference_error", str(e)) from e
         heads = np.full((len(items), self.manifest.num_heads), np.nan, dtype=np.float32)
         heads[accepted] = scored.head_scores  # (n, K); refused rows stay NaN
+        members = member_rewards(heads, self.manifest)
+        std = members.astype(np.float64).std(axis=1)
+        if self.metrics is not None and accepted:
+            self.metrics.observe_std(std[accepted])
         return ScoreResult(
-            scores=np.ascontiguousarray(heads[:, self.manifest.reward_head]),
+            scores=(aggregate or self.aggregate)(members),
             head_scores=heads,
+            members=members,
+            std=std,
             truncated=encoded.truncated,
             tokens=encoded.tokens,
             tokenize_s=tokenize_s,
@@ -210,7 +223,23 @@ class Scorer:
             refused=refused,
         )
 
-    def normalize(self, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    def aggregate_for(self, name: AggregateName | None, uwo_lambda: float | None) -> Aggregate:
+        """A request's aggregate over the server's defaults; 422 when uwo_lambda is given for
+        an aggregate other than uwo (it would be ignored, which hides a mistake)."""
+        chosen = Aggregate(
+            name or self.aggregate.name,
+            self.aggregate.uwo_lambda if uwo_lambda is None else uwo_lambda,
+        )
+        if uwo_lambda is not None and chosen.name != "uwo":
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"uwo_lambda applies to the uwo aggregate only, and this request's aggregate "
+                f"is {chosen.name}; send aggregate 'uwo' or leave uwo_lambda out",
+            )
+        return chosen
+
+    def normalize(self, scores: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
         """(score - mean) / std with the bundle's statistics."""
         norm = self.manifest.normalization
         # In float64: a small std would amplify float32 rounding of the difference.

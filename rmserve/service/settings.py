@@ -181,6 +181,20 @@ class ServiceSettings(BaseSettings):
         "max_length (keeping its start) and flag it, instead of refusing it; /v1 doors follow "
         "their request's truncate_response, else RMSERVE_TRUNCATE_RESPONSE.",
     )
+    ensemble_aggregate: Literal["mean", "min", "uwo"] = Field(
+        default="mean",
+        description="For an ensemble bundle, the reward of the requests that do not choose: "
+        "the members' mean, their minimum (worst-case), or uwo (mean - uwo_lambda * "
+        "variance); /get_reward, /classify and the slime door always use it. One model is an "
+        "ensemble of one (every aggregate is its reward).",
+    )
+    uwo_lambda: float = Field(
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="The variance weight of the uwo aggregate when the request does not say; "
+        "in squared reward units, so it depends on the model's reward scale.",
+    )
     compat_normalize: bool = Field(
         default=False,
         description="Normalize rewards (bundle mean/std) in the OpenRLHF /get_reward and "

@@ -40,6 +40,7 @@ from rmserve.client import (
 from rmserve.client._trl import trl_items
 
 PUBLIC = {
+    "Aggregate",
     "API_KEY_ENV",
     "BASE_URL_ENV",
     "APIConnectionError",

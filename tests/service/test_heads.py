@@ -204,13 +204,16 @@ def test_the_client_reads_answers_of_three_heads(heads_server: RunningServer) ->
 
 
 def test_one_head_answers_have_no_head_fields(one_head_server: RunningServer) -> None:
+    # A single model is an ensemble of one: aggregate and std (0) are there, heads are not.
     post = poster(one_head_server)
+    common = {"model", "scores", "aggregate", "std", "truncated", "usage"}
     score = post("/v1/score", {"items": [{"prompt": PROMPT, "response": "no"}]}).json()
-    assert set(score) == {"model", "scores", "truncated", "usage"}
+    assert set(score) == common
+    assert score["std"] == [0.0]
     rank = post("/v1/rank", {"prompt": PROMPT, "responses": RESPONSES}).json()
-    assert set(rank) == {"model", "ranking", "scores", "truncated", "usage"}
+    assert set(rank) == common | {"ranking"}
     compare = post("/v1/compare", {"prompt": PROMPT, "a": "no", "b": "yes"}).json()
-    assert set(compare) == {"model", "scores", "p_a_preferred", "truncated", "usage"}
+    assert set(compare) == common | {"p_a_preferred"}
 
 
 # --- /classify ----------------------------------------------------------------------------

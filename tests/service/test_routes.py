@@ -39,8 +39,10 @@ def test_score_accepts_the_three_input_forms(post: Post, tiny_encoder_bundle: Pa
     r = post("/v1/score", {"items": [PAIR, {"messages": messages}, {"text": text}]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"model", "scores", "truncated", "usage"}
+    assert set(body) == {"model", "scores", "aggregate", "std", "truncated", "usage"}
     assert body["model"] == load_bundle(tiny_encoder_bundle).model_name
+    assert body["aggregate"] == "mean"
+    assert body["std"] == [0.0, 0.0, 0.0]  # one model: an ensemble of one
     assert len(body["scores"]) == 3
     assert all(math.isfinite(s) for s in body["scores"])
     # The same pair in three forms renders to the same text, so the same score.

@@ -79,8 +79,10 @@ async def get_reward(
     scores = scorer.normalize(result.scores) if settings.compat_normalize else result.scores
     response.headers.update(result.timing_headers())
     values = scores.tolist()
-    truncated = [float(t) for t in result.truncated]
-    return GetRewardResponse(rewards=values, scores=values, extra_logs={"truncated": truncated})
+    extra_logs: dict[str, Any] = {"truncated": [float(t) for t in result.truncated]}
+    if scorer.manifest.ensemble is not None:  # OpenRLHF logs every key, per query
+        extra_logs["reward_std"] = result.std.tolist()
+    return GetRewardResponse(rewards=values, scores=values, extra_logs=extra_logs)
 
 
 def class_probs(logits: npt.NDArray[np.float64], activated: bool) -> npt.NDArray[np.float64]:
@@ -125,6 +127,8 @@ async def classify(
     truncate = state.settings.compat_truncate_response
     result = await scorer.score(body.items(), truncate_response=truncate)
     labels = scorer.manifest.labels
+    if scorer.manifest.ensemble is not None:
+        labels = ("reward",)  # one reward (the server's aggregate), not K classes
     if len(labels) == 1:
         normalize = state.settings.compat_normalize
         reward = scorer.normalize(result.scores) if normalize else result.scores
@@ -166,9 +170,10 @@ async def classify(
 async def slime_reward(
     body: SlimeRewardRequest, response: Response, scorer: ScorerDep, state: StateDep
 ) -> dict[str, Any]:
-    """One sample's reward: ``reward`` (the reward head, raw), the same as ``score``,
-    ``truncated``, and for a model of several heads each head's raw value under its label,
-    so that slime's ``--reward-key`` picks any of them."""
+    """One sample's reward: ``reward`` (the reward head, or an ensemble's aggregate, raw),
+    the same as ``score``, ``truncated``, and for a model of several heads each head's raw
+    value under its label (an ensemble's members as ``member_k``, and ``std``), so that
+    slime's ``--reward-key`` picks any of them."""
     settings = state.settings
     truncate = settings.compat_truncate_response
     result = await scorer.score([body.to_input()], truncate_response=truncate)
@@ -180,4 +185,6 @@ async def slime_reward(
     labels = scorer.manifest.labels
     if len(labels) > 1:
         answer |= {label: float(v) for label, v in zip(labels, result.head_scores[0], strict=True)}
+    if scorer.manifest.ensemble is not None:
+        answer["std"] = float(result.std[0])
     return answer

@@ -14,6 +14,7 @@ item's 422. ``/v1/compare`` needs both responses, so either one failing answers 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     CompareRequest,
     CompareResponse,
+    EnsembleOptions,
     ItemError,
     RankedResponse,
     RankRequest,
@@ -72,6 +74,30 @@ def _errors(result: ScoreResult) -> list[ItemError] | None:
     ]
 
 
+@dataclass(frozen=True)
+class _Spread:
+    """The members' std and (when asked) their rewards, on the scale of ``scores``."""
+
+    std: npt.NDArray[np.float64]
+    members: npt.NDArray[np.float64] | None
+
+    @classmethod
+    def of(cls, result: ScoreResult, scorer: Scorer, body: EnsembleOptions) -> _Spread:
+        normalize = getattr(body, "normalize", False)
+        std = result.std / scorer.manifest.normalization.std if normalize else result.std
+        members = None
+        if body.return_members:
+            raw = result.members.astype(np.float64)
+            members = scorer.normalize(raw) if normalize else raw
+        return cls(std, members)
+
+    def member_rows(self, result: ScoreResult) -> list[list[float] | None] | None:
+        if self.members is None:
+            return None
+        rows = self.members.tolist()
+        return [None if i in result.refused else row for i, row in enumerate(rows)]
+
+
 def sigmoid(x: float) -> float:
     # Written per sign so that exp never overflows.
     if x >= 0:
@@ -83,17 +109,23 @@ def sigmoid(x: float) -> float:
 @router.post("/v1/score", summary="Score items", response_model_exclude_none=True)
 async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> ScoreResponse:
     """Rewards of (prompt, response) pairs, conversations or rendered texts, in order."""
+    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
     result = await scorer.score(
         [item.to_input() for item in body.items],
         truncate_response=body.truncate_response,
         partial=True,
+        aggregate=aggregate,
     )
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
     _, labels = _heads(result, scorer)
+    spread = _Spread.of(result, scorer, body)
     response.headers.update(result.timing_headers())
     return ScoreResponse(
         model=scorer.manifest.model_name,
         scores=_optional(scores),
+        aggregate=aggregate.name,
+        std=_optional(spread.std),
+        members=spread.member_rows(result),
         head_scores=_head_rows(result, scorer),
         labels=labels,
         truncated=result.truncated,
@@ -105,12 +137,15 @@ async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> Sc
 @router.post("/v1/rank", summary="Rank responses to one prompt", response_model_exclude_none=True)
 async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> RankResponse:
     """Responses to one prompt, best first (best-of-n, GRPO groups)."""
+    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
     result = await scorer.score(
         [body.item(r) for r in body.responses],
         truncate_response=body.truncate_response,
         partial=True,
+        aggregate=aggregate,
     )
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    spread = _Spread.of(result, scorer, body)
     # Stable: equal scores keep request order. Refused responses (NaN) are not ranked.
     order = [int(i) for i in np.argsort(-scores, kind="stable") if i not in result.refused]
     if body.top_k is not None:
@@ -121,6 +156,9 @@ async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> Rank
         model=scorer.manifest.model_name,
         ranking=[RankedResponse(index=i, score=float(scores[i])) for i in order],
         scores=_optional(scores),
+        aggregate=aggregate.name,
+        std=_optional(spread.std),
+        members=spread.member_rows(result),
         head_scores=_head_rows(result, scorer),
         labels=labels,
         truncated=result.truncated,
@@ -132,18 +170,25 @@ async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> Rank
 @router.post("/v1/compare", summary="Compare two responses", response_model_exclude_none=True)
 async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -> CompareResponse:
     """Both rewards and the Bradley-Terry probability that ``a`` is preferred."""
+    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
     result = await scorer.score(
-        [body.item(body.a), body.item(body.b)], truncate_response=body.truncate_response
+        [body.item(body.a), body.item(body.b)],
+        truncate_response=body.truncate_response,
+        aggregate=aggregate,
     )
     raw_a, raw_b = float(result.scores[0]), float(result.scores[1])
     scores = scorer.normalize(result.scores) if body.normalize else result.scores
     head_scores, labels = _heads(result, scorer)
+    spread = _Spread.of(result, scorer, body)
     response.headers.update(result.timing_headers())
     return CompareResponse(
         model=scorer.manifest.model_name,
         scores=scores.tolist(),
         # The model was trained with P(a > b) = sigmoid(r_a - r_b) on raw rewards.
         p_a_preferred=sigmoid(raw_a - raw_b),
+        aggregate=aggregate.name,
+        std=spread.std.tolist(),
+        members=spread.members.tolist() if spread.members is not None else None,
         head_scores=head_scores,
         labels=labels,
         truncated=result.truncated,
