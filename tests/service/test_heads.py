@@ -368,9 +368,8 @@ def test_a_template_refusal_names_the_item_and_spares_the_others(
         [error] = answer["errors"]
         assert error["type"] == "invalid_item"
         assert error["index"] == 1
-        assert "Conversation roles must be system/user/assistant/tool, got robot" in (
-            error["message"]
-        )
+        message = error["message"]
+        assert "Conversation roles must be system/user/assistant/tool, got robot" in message
     only_bad = post("/v1/score", {"items": [{"messages": robot}]})
     assert only_bad.status_code == 422
     assert only_bad.json()["error"]["index"] == 0
