@@ -158,9 +158,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument("--model-name", help="model name in the manifest (default: BUNDLE name)")
     export.add_argument(
         "--exporter",
-        choices=["torchscript", "dynamo"],
+        choices=["torchscript", "dynamo", "fused"],
         default="torchscript",
-        help="torch.onnx exporter: TorchScript (fast, default) or torch.export (dynamo)",
+        help="torch.onnx exporter: TorchScript (fast, default), torch.export (dynamo), or "
+        "dynamo with ONNX Runtime's fused attention and RMS-norm operators (fused: "
+        "faster decoders)",
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     export.add_argument(

@@ -14,7 +14,9 @@ Parity:
 
 Exporter: the TorchScript exporter (``dynamo=False``) at opset 17 by default. It gives exact
 dynamic axes for the wrapper below and exports in under a second; ``exporter="dynamo"`` uses
-torch.export instead (slower, same numbers on BERT, GPT-2 and Qwen2). The traps of issue 3:
+torch.export instead (slower, same numbers on BERT, GPT-2 and Qwen2), and ``"fused"`` then
+rewrites its graph into ONNX Runtime's fused attention and RMS-norm operators
+(:mod:`rmserve.training.fusion`; decoders gain most). The traps of issue 3:
 the wrapper is put in ``.eval()`` (dropout off), decoders pool with ``attention_mask.sum - 1``
 and a gather (no int64 ArgMax), and the fp32 check runs at lengths beyond the trace length.
 """
@@ -66,6 +68,7 @@ from rmserve.training.evaluate import (
     pair_metrics,
     score_pairs,
 )
+from rmserve.training.fusion import fuse_for_ort
 from rmserve.training.metadata import TrainingInfo
 from rmserve.training.modeling import (
     RewardModel,
@@ -82,6 +85,10 @@ from rmserve.training.text_path import (
     choose_text_format,
 )
 
+# "fused": torch.export (dynamo), then ONNX Runtime's fused transformer operators
+# (rmserve.training.fusion): attention and RMS norms in one kernel each.
+Exporter = Literal["torchscript", "dynamo", "fused"]
+
 __all__ = ["ExportError", "export_bundle", "export_onnx"]
 
 
@@ -93,22 +100,30 @@ def export_onnx(
     wrapper: RewardModel,
     path: Path,
     *,
-    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+    exporter: Exporter = "torchscript",
     opset: int = 17,
     trace_length: int = 8,
-) -> None:
+) -> dict[str, int]:
     """Write the wrapper as an ONNX file with dynamic batch and sequence axes: self-contained,
-    or for a model past protobuf's 2 GB, with its weights in one ``<path>.data`` beside it."""
+    or for a model past protobuf's 2 GB, with its weights in one ``<path>.data`` beside it.
+    Returns the fusions applied (``exporter="fused"``; empty otherwise)."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as tmp:
         traced = Path(tmp) / "model.onnx"
-        _trace(wrapper, traced, exporter, opset, trace_length)
+        _trace(wrapper, traced, "dynamo" if exporter == "fused" else exporter, opset, trace_length)
+        fusions: dict[str, int] = {}
+        if exporter == "fused":
+            fused = Path(tmp) / "fused" / "model.onnx"
+            fused.parent.mkdir()
+            fusions = fuse_for_ort(traced, fused)
+            traced = fused
         gather_external_data(traced, path)
+    return fusions
 
 
 def _trace(
     wrapper: RewardModel,
     path: Path,
-    exporter: Literal["torchscript", "dynamo"],
+    exporter: Exporter,
     opset: int,
     trace_length: int,
 ) -> None:
@@ -305,7 +320,7 @@ class _Plan:
     dtype: Precision  # the precision of the exported graph: fp32, or fp16 (--dtype fp16)
     extra_variants: tuple[Precision, ...]  # int8 / fp16 converted from the fp32 graph
     model_name: str
-    exporter: Literal["torchscript", "dynamo"]
+    exporter: Exporter
     opset: int
     batch_size: int
 
@@ -340,7 +355,7 @@ def export_bundle(
     head_name: str | None = None,
     reward_head: int | str = 0,
     trust_remote_code: bool = False,
-    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+    exporter: Exporter = "torchscript",
     opset: int = 17,
     fp32_tolerance: float = 1e-4,
     min_agreement: float = 0.99,
@@ -425,7 +440,7 @@ def _plan(
     head_name: str | None,
     reward_head: int | str,
     trust_remote_code: bool,
-    exporter: Literal["torchscript", "dynamo"],
+    exporter: Exporter,
     opset: int,
     batch_size: int,
 ) -> _Plan:
@@ -509,7 +524,10 @@ def _write_bundle(
     graph = staging / VARIANT_FILES[plan.dtype]
     wrapper = _wrapper(plan)
     step(f"tracing the model to ONNX ({plan.exporter} exporter, opset {plan.opset})")
-    export_onnx(wrapper, graph, exporter=plan.exporter, opset=plan.opset)
+    fusions = export_onnx(wrapper, graph, exporter=plan.exporter, opset=plan.opset)
+    if plan.exporter == "fused":
+        applied = ", ".join(f"{name} {count}" for name, count in sorted(fusions.items()))
+        step(f"fused for onnxruntime: {applied or 'nothing matched (the graph is unchanged)'}")
 
     step(f"{plan.dtype} parity: torch against onnxruntime on a padded batch of mixed lengths")
     rows = _parity_texts(encoder, plan.text_format)
