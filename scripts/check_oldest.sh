@@ -13,7 +13,7 @@ fi
 . .venv-oldest/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"  # the CPU wheel first, as scripts/setup.sh does
-python -m pip install --quiet -e ".[serve,train,dev]" "transformers==5.0.0"
+python -m pip install --quiet -e ".[serve,train,dev]" "transformers==5.9.0"
 python -m pip list 2>/dev/null | grep -E '^(torch|transformers|accelerate|tokenizers) '
 if [ $# -eq 0 ]; then
   set -- tests/training tests/e2e/test_foreign_models.py tests/core -m "not slow"
