@@ -326,12 +326,13 @@ def _add_config_flags(group: argparse._ArgumentGroup, names: tuple[str, ...]) ->
             dest=name,
             default=argparse.SUPPRESS,
             help=_config_flag_help(fields[name]),
-            **_config_flag_kwargs(hints[name]),
+            **_config_flag_kwargs(hints[name], fields[name].metadata.get("choices")),
         )
 
 
-def _config_flag_kwargs(annotation: Any) -> dict[str, Any]:
-    """argparse options for a field of this type; ``X | None`` reads as X."""
+def _config_flag_kwargs(annotation: Any, choices: Any = None) -> dict[str, Any]:
+    """argparse options for a field of this type; ``X | None`` reads as X. A field whose
+    metadata lists ``choices`` gets them (argparse then names the valid values)."""
     kinds = {a for a in typing.get_args(annotation) if a is not type(None)} or {annotation}
     if bool in kinds:
         return {"action": argparse.BooleanOptionalAction}
@@ -339,7 +340,7 @@ def _config_flag_kwargs(annotation: Any) -> dict[str, Any]:
         return {"type": int, "metavar": "N"}
     if kinds == {float}:
         return {"type": float, "metavar": "X"}
-    return {"type": str}
+    return {"type": str} if choices is None else {"type": str, "choices": list(choices)}
 
 
 def _config_flag_help(field: dataclasses.Field[Any]) -> str:

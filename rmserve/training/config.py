@@ -22,12 +22,16 @@ from transformers import TrainingArguments
 
 __all__ = [
     "DEFAULT_PRESET",
+    "ENSEMBLE_DIVERSITIES",
     "PRESETS",
     "REWARD_FIELDS",
     "TRAINING_FIELDS",
     "Preset",
     "RewardConfig",
 ]
+
+# How ensemble members may differ (RewardConfig.ensemble_diversity); the first is the default.
+ENSEMBLE_DIVERSITIES = ("heads", "independent")
 
 
 @dataclass
@@ -70,6 +74,25 @@ class RewardConfig(TrainingArguments):
         metadata={
             "help": "Training responses scored after training to measure the reward mean and "
             "std recorded as the bundle's normalization (a random sample; all when fewer)."
+        },
+    )
+    ensemble: int = field(
+        default=1,
+        metadata={
+            "help": "Train an ensemble of K reward models, exported as one graph with K "
+            "output columns (one per member) whose mean is the reward and whose spread is its "
+            "uncertainty. 1: a single model, trained exactly as without this option."
+        },
+    )
+    ensemble_diversity: str = field(
+        default="heads",
+        metadata={
+            "help": "How ensemble members differ. heads: one backbone shared by all members, "
+            "one linear head per member, each initialised from its own seed and trained on "
+            "its own bootstrap resample (Poisson(1) weights per example); costs about one "
+            "model to train and to serve. independent: K whole models, each with its own seed "
+            "and bootstrap resample; K times the training and the serving cost.",
+            "choices": ("heads", "independent"),
         },
     )
     # Overridden defaults of TrainingArguments.
@@ -138,6 +161,15 @@ class RewardConfig(TrainingArguments):
                 f"freeze_layers must be 0 or more, got {self.freeze_layers}; pass "
                 "--freeze-layers N to freeze the N lowest blocks"
             )
+        if self.ensemble < 1:
+            raise ValueError(
+                f"ensemble must be 1 (a single model) or more members, got {self.ensemble}"
+            )
+        if self.ensemble_diversity not in ENSEMBLE_DIVERSITIES:
+            raise ValueError(
+                f"unknown ensemble_diversity {self.ensemble_diversity!r}; pass "
+                f"--ensemble-diversity with one of {', '.join(ENSEMBLE_DIVERSITIES)}"
+            )
         if self.normalization_samples < 1:
             raise ValueError(
                 f"normalization_samples must be at least 1, got {self.normalization_samples}"
@@ -155,6 +187,8 @@ REWARD_FIELDS: tuple[str, ...] = (
     "freeze_embeddings",
     "freeze_layers",
     "normalization_samples",
+    "ensemble",
+    "ensemble_diversity",
 )
 TRAINING_FIELDS: tuple[str, ...] = (
     "output_dir",

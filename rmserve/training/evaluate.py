@@ -1,21 +1,29 @@
-"""Pairwise evaluation of a reward model: accuracy, margin and the shorter-wins baseline."""
+"""``rmserve eval``: pairwise evaluation of a checkpoint or bundle, of one model or an ensemble.
+
+The pair primitives live in :mod:`rmserve.training.pairs` (re-exported here), the ensemble
+metrics in :mod:`rmserve.training.uncertainty`, the plots in :mod:`rmserve.training.report`;
+this module only puts them together, and none of them imports it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rmserve.encoding import PairEncoder
-from rmserve.formatting import AnyTextFormat, RenderedText, TextFormat
+from rmserve.formatting import AnyTextFormat, TextFormat
 from rmserve.manifest import MANIFEST_NAME, TOKENIZER_NAME, load_bundle
-from rmserve.training.data import PreferenceExample
-from rmserve.training.scoring import BatchScorer, onnx_scorer, score_ids
-
-if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
+from rmserve.training.pairs import (
+    EncodedExamples,
+    PairScores,
+    encode_examples,
+    pair_metrics,
+    score_pairs,
+)
+from rmserve.training.report import write_report
+from rmserve.training.scoring import BatchScorer, onnx_scorer
+from rmserve.training.uncertainty import ensemble_metrics, score_members
 
 __all__ = [
     "EncodedExamples",
@@ -28,89 +36,71 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class EncodedExamples:
-    """Every response of every example as ids, and the (winner, loser) pairs between them."""
+class _Scoring:
+    """What evaluation needs from a bundle or a checkpoint."""
 
-    ids: list[list[int]]  # one row per response
-    winners: list[int]  # row index of each pair's preferred response
-    losers: list[int]  # row index of each pair's other response
-    response_chars: list[int]  # characters of each row's response (for the length baseline)
-    truncated: int  # rows that lost tokens to max_length
-
-
-@dataclass(frozen=True)
-class PairScores:
-    chosen: npt.NDArray[np.float64]  # (P,) reward of the preferred response
-    rejected: npt.NDArray[np.float64]  # (P,) reward of the other one
-    chosen_chars: npt.NDArray[np.int64]  # (P,) response lengths in characters
-    rejected_chars: npt.NDArray[np.int64]  # (P,)
+    kind: str  # "bundle" or "checkpoint"
+    scorer: BatchScorer
+    text_format: AnyTextFormat
+    max_length: int
+    pad_token_id: int
+    encoder: PairEncoder
+    head: int  # the output scored, for a model of several heads
+    members: int  # K for an ensemble (the mean is scored), else 0
 
 
-def encode_examples(
-    examples: Sequence[PreferenceExample], encoder: PairEncoder, text_format: AnyTextFormat
-) -> EncodedExamples:
-    """Render and encode all responses; a response longer than max_length keeps its start
-    (evaluation scores every pair rather than refusing some)."""
-    rendered: list[RenderedText] = []
-    winners: list[int] = []
-    losers: list[int] = []
-    chars: list[int] = []
-    for example in examples:
-        base = len(rendered)
-        rendered.extend(example.rendered(text_format))
-        chars.extend(len(r) for r in example.responses)
-        for w, lo in example.pairs():
-            winners.append(base + w)
-            losers.append(base + lo)
-    encoded = encoder.encode_batch(rendered, truncate_response=True)
-    return EncodedExamples(
-        ids=[e.ids for e in encoded],
-        winners=winners,
-        losers=losers,
-        response_chars=chars,
-        truncated=sum(e.truncated for e in encoded),
+def _bundle_scoring(root: Path, precision: str, max_length: int | None) -> _Scoring:
+    manifest = load_bundle(root)
+    if precision not in manifest.variants:
+        flag = "--dtype fp32" if precision == "fp32" else f"--{precision}"
+        raise ValueError(
+            f"bundle {root} has no {precision} variant (it has "
+            f"{', '.join(sorted(manifest.variants))}); pass --precision with one of "
+            f"those, or export it with {flag}"
+        )
+    fmt: AnyTextFormat = manifest.text_format
+    length = max_length or manifest.max_length
+    return _Scoring(
+        kind="bundle",
+        scorer=onnx_scorer(str(root / manifest.variants[precision].file)),
+        text_format=fmt,
+        max_length=length,
+        pad_token_id=manifest.pad_token_id,
+        encoder=PairEncoder.from_file(str(root / TOKENIZER_NAME), length, fmt),
+        head=manifest.reward_head,
+        members=manifest.ensemble.members if manifest.ensemble else 0,
     )
 
 
-def score_pairs(
-    encoded: EncodedExamples,
-    scorer: BatchScorer,
-    pad_token_id: int,
-    batch_size: int = 32,
-    head: int = 0,
-) -> PairScores:
-    """Scores of every pair; for a model with several heads, those of ``head``."""
-    import numpy as np
+def _checkpoint_scoring(root: Path, precision: str, max_length: int | None) -> _Scoring:
+    from rmserve.training.checkpoint import load_checkpoint
+    from rmserve.training.independent import member_scorer
+    from rmserve.training.metadata import TrainingInfo
+    from rmserve.training.modeling import architecture_of, default_max_length, load_tokenizer
+    from rmserve.training.scoring import torch_scorer
+    from rmserve.training.text_path import choose_text_format
 
-    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)
-    if rewards.ndim == 2:  # (N, K) -> (N,)
-        rewards = rewards[:, head]
-    chars = np.asarray(encoded.response_chars, dtype=np.int64)
-    return PairScores(
-        chosen=rewards[encoded.winners],
-        rejected=rewards[encoded.losers],
-        chosen_chars=chars[encoded.winners],
-        rejected_chars=chars[encoded.losers],
+    if precision != "fp32":
+        raise ValueError("--precision applies to bundles; a checkpoint is evaluated in fp32")
+    info = TrainingInfo.read(root)
+    member_dirs = info.ensemble.member_dirs if info and info.ensemble else ()
+    tokenizer = load_tokenizer(str(root))
+    # refuses a head that did not load; an independent ensemble: its first member
+    net = load_checkpoint(str(root / member_dirs[0]) if member_dirs else str(root)).model
+    architecture, pooling = architecture_of(net)
+    # What export would choose: training's format, else the model's own chat template.
+    fmt, _ = choose_text_format("auto", tokenizer, architecture, info.text_format if info else None)
+    length = max_length or (info.max_length if info else default_max_length(net, tokenizer))
+    return _Scoring(
+        kind="checkpoint",
+        scorer=member_scorer(root, member_dirs) if member_dirs else torch_scorer(net, pooling),
+        text_format=fmt,
+        max_length=length,
+        pad_token_id=int(tokenizer.pad_token_id),
+        encoder=PairEncoder(tokenizer.backend_tokenizer, length, fmt),
+        head=0,
+        members=info.ensemble.members if info and info.ensemble else 0,
     )
-
-
-def pair_metrics(scores: PairScores) -> dict[str, float | int]:
-    """accuracy (ties count half), n, mean_margin, and the shorter-response-wins accuracy."""
-    import numpy as np
-
-    n = len(scores.chosen)
-    if n == 0:
-        raise ValueError("no pairs to evaluate")
-    margin = scores.chosen - scores.rejected
-    accuracy = float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))))
-    length_gap = scores.rejected_chars - scores.chosen_chars  # > 0: the chosen one is shorter
-    shorter = float(np.mean(np.where(length_gap > 0, 1.0, np.where(length_gap == 0, 0.5, 0.0))))
-    return {
-        "accuracy": accuracy,
-        "n": n,
-        "mean_margin": float(np.mean(margin)),
-        "shorter_wins_accuracy": shorter,
-    }
 
 
 def evaluate_model(
@@ -127,7 +117,9 @@ def evaluate_model(
     """Evaluate a bundle (a folder with rmserve.json) or a checkpoint on ``data``.
 
     Returns the JSON line of ``rmserve eval``: accuracy, n, mean_margin,
-    shorter_wins_accuracy, plus where it came from and how many pairs were truncated.
+    shorter_wins_accuracy, plus where it came from and how many pairs were truncated. For an
+    ensemble, ``accuracy`` is the members' mean's and ``ensemble`` adds each member's
+    accuracy, their disagreement and the accuracy per quartile of the pairs' uncertainty.
     """
     from rmserve.training.data import read_examples
 
@@ -135,63 +127,36 @@ def evaluate_model(
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; pass a checkpoint or bundle folder")
     if (root / MANIFEST_NAME).is_file():
-        manifest = load_bundle(root)
-        if precision not in manifest.variants:
-            flag = "--dtype fp32" if precision == "fp32" else f"--{precision}"
-            raise ValueError(
-                f"bundle {root} has no {precision} variant (it has "
-                f"{', '.join(sorted(manifest.variants))}); pass --precision with one of "
-                f"those, or export it with {flag}"
-            )
-        fmt: AnyTextFormat = manifest.text_format
-        length = max_length or manifest.max_length
-        pad_token_id = manifest.pad_token_id
-        encoder = PairEncoder.from_file(str(root / TOKENIZER_NAME), length, fmt)
-        scorer = onnx_scorer(str(root / manifest.variants[precision].file))
-        head = manifest.reward_head
-        kind = "bundle"
+        scoring = _bundle_scoring(root, precision, max_length)
     else:
-        from rmserve.training.checkpoint import load_checkpoint
-        from rmserve.training.metadata import TrainingInfo
-        from rmserve.training.modeling import architecture_of, default_max_length, load_tokenizer
-        from rmserve.training.scoring import torch_scorer
-        from rmserve.training.text_path import choose_text_format
-
-        if precision != "fp32":
-            raise ValueError("--precision applies to bundles; a checkpoint is evaluated in fp32")
-        info = TrainingInfo.read(root)
-        tokenizer = load_tokenizer(str(root))
-        net = load_checkpoint(str(root)).model  # refuses a head that did not load
-        architecture, pooling = architecture_of(net)
-        # What export would choose: training's format, else the model's own chat template.
-        fmt, _ = choose_text_format(
-            "auto", tokenizer, architecture, info.text_format if info else None
-        )
-        length = max_length or (info.max_length if info else default_max_length(net, tokenizer))
-        pad_token_id = int(tokenizer.pad_token_id)
-        encoder = PairEncoder(tokenizer.backend_tokenizer, length, fmt)
-        scorer = torch_scorer(net, pooling)
-        head = 0
-        kind = "checkpoint"
-
+        scoring = _checkpoint_scoring(root, precision, max_length)
+    fmt = scoring.text_format
     # The data's own transcripts are parsed in the HH format unless the bundle's format is
     # another transcript format; the bundle's format (maybe a chat template) renders them.
     data_format = fmt if isinstance(fmt, TextFormat) else None
     read = read_examples(data, skip_malformed=skip_malformed, text_format=data_format, limit=limit)
-    encoded = encode_examples(read.examples, encoder, fmt)
-    scores = score_pairs(encoded, scorer, pad_token_id, batch_size, head)
+    encoded = encode_examples(read.examples, scoring.encoder, fmt)
+    ensemble = None
+    if scoring.members:
+        members = score_members(encoded, scoring.scorer, scoring.pad_token_id, batch_size)
+        scores = members.mean()
+        ensemble = ensemble_metrics(members)
+    else:
+        scores = score_pairs(
+            encoded, scoring.scorer, scoring.pad_token_id, batch_size, scoring.head
+        )
     result: dict[str, Any] = dict(pair_metrics(scores))
     result |= {
         "model": str(root),
-        "kind": kind,
+        "kind": scoring.kind,
         "precision": precision,
         "data": str(data),
         "skipped": read.skipped,
         "truncated": encoded.truncated,
-        "max_length": length,
+        "max_length": scoring.max_length,
     }
+    if ensemble is not None:
+        result["ensemble"] = ensemble
     if report_dir is not None:
-        from rmserve.training.report import write_report
-
         result["report"] = str(write_report(Path(report_dir), scores, result))
     return result

@@ -12,6 +12,12 @@ Parity:
 - int8 / fp16: pairwise decisions agree with fp32 on >= ``min_agreement`` (99%) of the eval
   pairs and accuracy drops by <= ``max_accuracy_drop`` (1 point).
 
+An ensemble checkpoint (``rmserve_training.json`` says its K outputs are members) exports as
+one graph of output [batch, K]: the fp32 check is made per member (``ensemble.member_parity``),
+the evaluation, the normalization fallback and the int8/fp16 decision checks use the members'
+mean, and the manifest's ``ensemble`` section records each member's accuracy and how much the
+members disagree on the eval pairs.
+
 Exporter: the TorchScript exporter (``dynamo=False``) at opset 17 by default. It gives exact
 dynamic axes for the wrapper below and exports in under a second; ``exporter="dynamo"`` uses
 torch.export instead (slower, same numbers on BERT, GPT-2 and Qwen2), and ``"fused"`` then
@@ -51,32 +57,35 @@ from rmserve.manifest import (
     TOKENIZER_NAME,
     VARIANT_FILES,
     Architecture,
+    Ensemble,
     Evaluation,
     Manifest,
     Normalization,
     Pooling,
     Precision,
     Variant,
+    ensemble_labels,
     sha256_file,
 )
 from rmserve.training.checkpoint import HeadError, load_checkpoint
 from rmserve.training.data import PreferenceExample
-from rmserve.training.evaluate import (
+from rmserve.training.fusion import fuse_for_ort
+from rmserve.training.metadata import EnsembleInfo, TrainingInfo
+from rmserve.training.modeling import (
+    RewardModel,
+    RewardStack,
+    architecture_of,
+    default_max_length,
+    load_tokenizer,
+)
+from rmserve.training.onnx_files import gather_external_data, save_model
+from rmserve.training.pairs import (
     EncodedExamples,
     PairScores,
     encode_examples,
     pair_metrics,
     score_pairs,
 )
-from rmserve.training.fusion import fuse_for_ort
-from rmserve.training.metadata import TrainingInfo
-from rmserve.training.modeling import (
-    RewardModel,
-    architecture_of,
-    default_max_length,
-    load_tokenizer,
-)
-from rmserve.training.onnx_files import data_file, gather_external_data, save_model
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
 from rmserve.training.text_path import (
     TextFormatChoice,
@@ -84,6 +93,7 @@ from rmserve.training.text_path import (
     certify_text_path,
     choose_text_format,
 )
+from rmserve.training.uncertainty import MemberScores, disagreement, score_members
 
 # "fused": torch.export (dynamo), then ONNX Runtime's fused transformer operators
 # (rmserve.training.fusion): attention and RMS norms in one kernel each.
@@ -97,7 +107,7 @@ class ExportError(RuntimeError):
 
 
 def export_onnx(
-    wrapper: RewardModel,
+    wrapper: torch.nn.Module,
     path: Path,
     *,
     exporter: Exporter = "torchscript",
@@ -121,7 +131,7 @@ def export_onnx(
 
 
 def _trace(
-    wrapper: RewardModel,
+    wrapper: torch.nn.Module,
     path: Path,
     exporter: Exporter,
     opset: int,
@@ -181,19 +191,22 @@ def _parity_texts(
 
 
 def _graph_parity(
-    wrapper: RewardModel,
+    wrapper: torch.nn.Module,
     scorer: BatchScorer,
     rows: Sequence[Sequence[int]],
     pad_token_id: int,
     tolerance: float,
     precision: str,
-) -> float:
-    """Max |torch - ORT| over one right-padded batch of all rows at once (mixed lengths)."""
+) -> list[float]:
+    """Max |torch - ORT| of each output (one per head or member) over one right-padded
+    batch of all rows at once (mixed lengths)."""
     input_ids, mask = pad_batch(rows, pad_token_id)
     with torch.no_grad():
         expected = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
     actual = scorer(input_ids, mask)
-    diff = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
+    gaps = np.abs(expected.astype(np.float64) - actual.astype(np.float64))  # (B,) or (B, K)
+    per_output = [float(x) for x in gaps.reshape(len(rows), -1).max(axis=0)]  # (K,)
+    diff = max(per_output)
     if not diff <= tolerance:
         raise ExportError(
             f"{precision} parity failed: max |torch - onnxruntime| = {diff:.3g} > "
@@ -201,7 +214,7 @@ def _graph_parity(
             f"{sorted(len(r) for r in rows)}; the ONNX graph does not compute what the "
             "checkpoint does"
         )
-    return diff
+    return per_output
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:
@@ -314,6 +327,9 @@ class _Plan:
     pad_token_id: int
     labels: tuple[str, ...]
     reward_head: int
+    ensemble: EnsembleInfo | None  # set when the outputs are the members of one ensemble
+    # An ensemble of independent models: every member's model (``model`` is the first).
+    members: tuple[Any, ...]
     info: TrainingInfo | None
     eval_pairs: Sequence[PreferenceExample] | None
     eval_data: str | None
@@ -449,16 +465,30 @@ def _plan(
     step(f"loading {source} ({dtype})")
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    ensemble = info.ensemble if info else None
+    # An ensemble of independent models: one checkpoint per member, in folders of source.
+    member_dirs = ensemble.member_dirs if ensemble else ()
+    loaded_models = []
     try:
-        loaded = load_checkpoint(
-            source, head_name=head_name, trust_remote_code=trust_remote_code, dtype=torch_dtype
-        )
+        for where in [str(Path(source) / d) for d in member_dirs] or [source]:
+            loaded = load_checkpoint(
+                where, head_name=head_name, trust_remote_code=trust_remote_code, dtype=torch_dtype
+            )
+            loaded_models.append(loaded.model)
     except HeadError as e:
         raise ExportError(str(e)) from e
-    model = loaded.model
-    model.train(False)  # eval mode: dropout off (the traced graph keeps whatever mode it sees)
+    for loaded_model in loaded_models:
+        # eval mode: dropout off (the traced graph keeps whatever mode it sees)
+        loaded_model.train(False)
+    model = loaded_models[0]
+    members = tuple(loaded_models) if member_dirs else ()
     kind, pooling = architecture_of(model)
-    labels = _labels(model.config)
+    labels = ensemble_labels(len(members)) if members else _labels(model.config)
+    if ensemble is not None and labels != ensemble_labels(ensemble.members):
+        raise ExportError(
+            f"{source}/rmserve_training.json records an ensemble of {ensemble.members} members "
+            f"but the model's outputs are {list(labels)}; train the ensemble again"
+        )
     why = "given"
     if text_format is None:
         try:
@@ -478,7 +508,8 @@ def _plan(
     head_note = f", head mapped from {loaded.mapped_from}" if loaded.mapped_from else ""
     step(
         f"{kind} {model.config.model_type}, {model.num_parameters():,} parameters, "
-        f"{len(labels)} head(s){head_note}; text format: {why}; max_length {length}"
+        f"{len(labels)} {'members' if ensemble else 'head(s)'}{head_note}; text format: {why}; "
+        f"max_length {length}"
     )
     if extra_variants and eval_pairs is None and info is not None and info.eval_data:
         from rmserve.training.data import read_examples
@@ -501,6 +532,8 @@ def _plan(
         pad_token_id=int(tokenizer.pad_token_id),
         labels=labels,
         reward_head=_reward_head(labels, reward_head),
+        ensemble=ensemble,
+        members=members,
         info=info,
         eval_pairs=eval_pairs,
         eval_data=eval_data,
@@ -538,8 +571,10 @@ def _write_bundle(
         # A slice of real eval texts joins the synthetic ones: real lengths, real vocabulary.
         rows += encoded.ids[:: max(1, len(encoded.ids) // 16)]
     scorer = _graph_scorer(graph, plan.dtype)
-    diff = _graph_parity(wrapper, scorer, rows, plan.pad_token_id, checks.tolerance, plan.dtype)
-    parity: dict[str, dict[str, float]] = {plan.dtype: {"max_abs_diff": diff}}
+    per_output = _graph_parity(
+        wrapper, scorer, rows, plan.pad_token_id, checks.tolerance, plan.dtype
+    )
+    parity: dict[str, dict[str, float]] = {plan.dtype: {"max_abs_diff": max(per_output)}}
 
     step("text-path parity: conversations through the bundle against transformers")
     conversations = certificate_conversations(
@@ -551,7 +586,7 @@ def _write_bundle(
             text_format=plan.text_format,
             encoder=encoder,
             tokenizer=plan.tokenizer,
-            model=plan.model,
+            model=_certified_model(plan),
             scorer=scorer,
             pad_token_id=plan.pad_token_id,
             tolerance=checks.tolerance,
@@ -564,11 +599,12 @@ def _write_bundle(
 
     evaluation = plan.info.evaluation if plan.info else None
     normalization = plan.info.normalization if plan.info else None
+    members: MemberScores | None = None
     if encoded is not None:
         step(f"evaluating on {len(encoded.winners)} eval pairs")
-        reference = score_pairs(
-            encoded, scorer, plan.pad_token_id, plan.batch_size, plan.reward_head
-        )
+        if plan.ensemble is not None:
+            members = score_members(encoded, scorer, plan.pad_token_id, plan.batch_size)
+        reference = _pair_scores(encoded, scorer, plan, members)
         evaluation = _evaluation(reference, plan.eval_data)
         normalization = normalization or _normalization(reference)
         for precision in plan.extra_variants:
@@ -581,18 +617,42 @@ def _write_bundle(
             mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
         )
     step("hashing every file of the bundle")
-    manifest = _manifest(staging, plan, parity, evaluation, normalization)
+    ensemble = _ensemble(plan.ensemble, per_output, members)
+    manifest = _manifest(staging, plan, parity, evaluation, normalization, ensemble)
     manifest.write(staging)
     return manifest
 
 
-def _wrapper(plan: _Plan) -> RewardModel:
+def _wrapper(plan: _Plan) -> torch.nn.Module:
     # An encoder scored on text pairs learnt segment ids (token_type_ids) for the answer:
     # the graph derives them from the separator, so the bundle keeps its two inputs.
     uses_segments = int(getattr(plan.model.config, "type_vocab_size", 0) or 0) > 1
     pairs = isinstance(plan.text_format, TextPairFormat) and uses_segments
     separator = plan.tokenizer.sep_token_id if pairs else None
+    if plan.members:
+        stack = [RewardModel(m, plan.pooling, pair_separator_id=separator) for m in plan.members]
+        return RewardStack(stack).eval()
     return RewardModel(plan.model, plan.pooling, pair_separator_id=separator).eval()
+
+
+def _certified_model(plan: _Plan) -> Any:
+    """What the text-path check runs through transformers: the model, or its members."""
+    return _StackedLogits(list(plan.members)) if plan.members else plan.model
+
+
+class _StackedLogits(torch.nn.Module):
+    """The members of an independent ensemble as one transformers-like model whose logits are
+    (B, K), for the text-path check, which compares ``model(**inputs).logits`` with the
+    bundle's scores."""
+
+    def __init__(self, models: list[Any]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.cat([m(**inputs).logits for m in self.models], -1))
 
 
 def _graph_scorer(path: Path, precision: str) -> BatchScorer:
@@ -614,7 +674,7 @@ def _variant(
     path = staging / VARIANT_FILES[precision]
     (_quantize_int8 if precision == "int8" else _convert_fp16)(graph, path)
     scorer = _graph_scorer(path, precision)
-    scores = score_pairs(encoded, scorer, plan.pad_token_id, plan.batch_size, plan.reward_head)
+    scores = _pair_scores(encoded, scorer, plan)
     numbers = _decision_parity(
         precision, reference, scores, checks.min_agreement, checks.max_accuracy_drop
     )
@@ -623,12 +683,51 @@ def _variant(
     return numbers
 
 
+def _pair_scores(
+    encoded: EncodedExamples,
+    scorer: BatchScorer,
+    plan: _Plan,
+    members: MemberScores | None = None,
+) -> PairScores:
+    """The scores export checks and evaluates: the reward head's, or for an ensemble the
+    members' mean (``members`` when already scored)."""
+    if plan.ensemble is None:
+        return score_pairs(encoded, scorer, plan.pad_token_id, plan.batch_size, plan.reward_head)
+    if members is None:
+        members = score_members(encoded, scorer, plan.pad_token_id, plan.batch_size)
+    return members.mean()
+
+
+def _ensemble(
+    info: EnsembleInfo | None, member_parity: list[float], members: MemberScores | None
+) -> Ensemble | None:
+    """The manifest's ensemble section: per-member parity always, per-member accuracy and
+    disagreement when there were eval pairs."""
+    if info is None:
+        return None
+    accuracy: tuple[float, ...] = ()
+    spread: dict[str, float] = {}
+    if members is not None:
+        accuracy = tuple(
+            float(pair_metrics(members.member(k))["accuracy"]) for k in range(members.members)
+        )
+        spread = disagreement(members)
+    return Ensemble(
+        members=info.members,
+        diversity=info.description,
+        member_accuracy=accuracy,
+        member_parity=tuple(member_parity),
+        disagreement=spread,
+    )
+
+
 def _manifest(
     staging: Path,
     plan: _Plan,
     parity: dict[str, dict[str, float]],
     evaluation: Evaluation | None,
     normalization: Normalization,
+    ensemble: Ensemble | None = None,
 ) -> Manifest:
     variants = {
         precision: Variant(
@@ -666,6 +765,7 @@ def _manifest(
             for p in sorted(staging.iterdir())
             if p.is_file() and p.name not in named
         },
+        ensemble=ensemble,
     )
 
 

@@ -16,9 +16,22 @@ from typing import Any
 from rmserve.formatting import TextFormat
 from rmserve.manifest import Evaluation, Normalization
 
-__all__ = ["TRAINING_INFO_NAME", "TrainingInfo"]
+__all__ = ["TRAINING_INFO_NAME", "EnsembleInfo", "TrainingInfo"]
 
 TRAINING_INFO_NAME = "rmserve_training.json"
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    """Marks a checkpoint's K outputs as the members of one ensemble. A hub model with
+    ``num_labels=K`` has no such record and stays a model of K objectives."""
+
+    members: int  # K >= 2
+    diversity: str  # "heads" or "independent" (RewardConfig.ensemble_diversity)
+    description: str  # in words, for the manifest's ensemble.diversity
+    member_seeds: tuple[int, ...]  # the seed each member's head and bootstrap came from
+    # independent: the member checkpoints, folders relative to the checkpoint folder
+    member_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class TrainingInfo:
     evaluation: Evaluation | None = None  # final accuracy on --eval-data
     train_data: str | None = None  # where the training pairs came from
     eval_data: str | None = None  # the eval set; export reuses it for int8/fp16 parity
+    ensemble: EnsembleInfo | None = None  # set when the outputs are ensemble members
 
     def write(self, checkpoint_dir: str | Path) -> Path:
         data = asdict(self)
@@ -48,6 +62,16 @@ class TrainingInfo:
             data: dict[str, Any] = json.loads(path.read_text())
             norm = data.get("normalization")
             ev = data.get("evaluation")
+            ens = data.get("ensemble")
+            ensemble = None
+            if ens:
+                ensemble = EnsembleInfo(
+                    members=int(ens["members"]),
+                    diversity=str(ens["diversity"]),
+                    description=str(ens["description"]),
+                    member_seeds=tuple(int(s) for s in ens["member_seeds"]),
+                    member_dirs=tuple(str(d) for d in ens.get("member_dirs", ())),
+                )
             return cls(
                 base_model=str(data["base_model"]),
                 max_length=int(data["max_length"]),
@@ -56,6 +80,7 @@ class TrainingInfo:
                 evaluation=Evaluation(**ev) if ev else None,
                 train_data=data.get("train_data"),
                 eval_data=data.get("eval_data"),
+                ensemble=ensemble,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(

@@ -25,6 +25,7 @@ __all__ = [
     "MINILM_ALIAS",
     "MINILM_NAME",
     "RewardModel",
+    "RewardStack",
     "architecture_of",
     "default_max_length",
     "freeze",
@@ -105,15 +106,22 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     return tokenizer
 
 
-def load_reward_model(path: str, pad_token_id: int | None = None, **kwargs: Any) -> PreTrainedModel:
-    """An ``AutoModelForSequenceClassification`` with one output (a fresh head if needed)."""
+def load_reward_model(
+    path: str, pad_token_id: int | None = None, num_labels: int = 1, **kwargs: Any
+) -> PreTrainedModel:
+    """An ``AutoModelForSequenceClassification`` with one output (a fresh head if needed), or
+    ``num_labels`` outputs for an ensemble of heads: a head of another size in the checkpoint
+    is then replaced by a fresh one (the members' rows are drawn by
+    :func:`rmserve.training.ensemble.init_member_heads`)."""
     from transformers import AutoModelForSequenceClassification
 
     # fp32 weights unless asked otherwise: transformers 5 loads the checkpoint's dtype by
     # default, and a half-precision master copy would not train (use --bf16 for autocast).
     kwargs.setdefault("dtype", torch.float32)
+    if num_labels != 1:
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, **kwargs
+        path, num_labels=num_labels, **kwargs
     )
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
@@ -182,6 +190,19 @@ class RewardModel(torch.nn.Module):
             segments = ((is_sep.cumsum(dim=-1) - is_sep) >= 1).long() * attention_mask
         rewards = reward_forward(self.model, input_ids, attention_mask, self.pooling, segments)
         return rewards.float()  # float32 whatever the weights' dtype: `reward` is float32
+
+
+class RewardStack(torch.nn.Module):
+    """K reward models side by side: (input_ids, attention_mask) -> reward (B, K), column k
+    from model k. An ensemble of independent models is exported as this one graph (nothing
+    is shared, so the graph runs each model in turn)."""
+
+    def __init__(self, members: list[RewardModel]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(input_ids, attention_mask) for m in self.members], dim=-1)
 
 
 def freeze(model: PreTrainedModel, *, embeddings: bool = False, layers: int = 0) -> int:

@@ -1,8 +1,13 @@
-"""``rmserve eval --report DIR``: report.md with three PNG plots.
+"""``rmserve eval --report DIR``: report.md with three PNG plots, four for an ensemble.
 
 - ``rewards.png``: histograms of r(chosen) and r(rejected);
 - ``accuracy_by_length.png``: accuracy per quintile of the pair's response length;
-- ``calibration.png``: reliability of sigmoid(r_w - r_l) as the probability of preference.
+- ``calibration.png``: reliability of sigmoid(r_w - r_l) as the probability of preference;
+- ``accuracy_by_uncertainty.png`` (ensembles): the mean's accuracy per quartile of the pairs'
+  uncertainty (the std over members of the margin, that std relative to the mean's |margin|,
+  and a small |margin| as the baseline), with each member's accuracy in a table.
+
+For an ensemble the first three show the members' mean reward.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rmserve.training.evaluate import PairScores
+    from rmserve.training.pairs import PairScores
 
 __all__ = ["calibration_bins", "length_bins", "write_report"]
 
@@ -112,6 +117,10 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
     fig.savefig(out_dir / "calibration.png", dpi=100)
     plt.close(fig)
 
+    ensemble = metrics.get("ensemble")
+    if ensemble is not None:
+        _plot_uncertainty(out_dir, ensemble)
+
     lines = [
         "# Reward model evaluation",
         "",
@@ -146,6 +155,92 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
         "![calibration](calibration.png)",
         "",
     ]
+    if ensemble is not None:
+        lines += _ensemble_section(metrics["accuracy"], ensemble)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# The quartile tables of rmserve eval's ensemble block, in the order the report shows them.
+UNCERTAINTY_MEASURES = {
+    "accuracy_by_std_quartile": "std of the margin",
+    "accuracy_by_relative_std_quartile": "std / |mean margin|",
+    "accuracy_by_small_margin_quartile": "small |mean margin| (no ensemble needed)",
+}
+
+
+def _plot_uncertainty(out_dir: Path, ensemble: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    quarters = len(ensemble["accuracy_by_std_quartile"])
+    width = 0.8 / len(UNCERTAINTY_MEASURES)
+    for i, (key, label) in enumerate(UNCERTAINTY_MEASURES.items()):
+        accuracy = [b["accuracy"] for b in ensemble[key]]
+        ax.bar(np.arange(quarters) + (i - 1) * width, accuracy, width, label=label)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(quarters), [f"Q{q + 1}" for q in range(quarters)])
+    ax.set(
+        xlabel="quartile of the pair's uncertainty (Q1: least uncertain)",
+        ylabel="accuracy of the ensemble mean",
+        ylim=(0, 1),
+        title="Does disagreement predict mistakes?",
+    )
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_by_uncertainty.png", dpi=100)
+    plt.close(fig)
+
+
+def _ensemble_section(accuracy: float, ensemble: dict[str, Any]) -> list[str]:
+    disagreement = ensemble["disagreement"]
+    members = ensemble["member_accuracy"]
+    quarters = len(ensemble["accuracy_by_std_quartile"])
+    rows = []
+    for key, label in UNCERTAINTY_MEASURES.items():
+        bins = ensemble[key]
+        cells = " | ".join(f"{b['accuracy']:.3f}" for b in bins)
+        gap = (bins[0]["accuracy"] - bins[-1]["accuracy"]) * 100
+        rows.append(f"| {label} | {cells} | {gap:+.1f} |")
+    return [
+        f"## Ensemble of {ensemble['members']} members",
+        "",
+        "The rewards above are the members' mean.",
+        "",
+        "| member | accuracy |",
+        "|---|---|",
+        *[f"| {k} | {acc:.4f} |" for k, acc in enumerate(members)],
+        f"| mean of members (the ensemble) | {accuracy:.4f} |",
+        f"| members' average | {sum(members) / len(members):.4f} |",
+        "",
+        "| disagreement | value |",
+        "|---|---|",
+        *[f"| {name} | {value:.4f} |" for name, value in disagreement.items()],
+        "",
+        "### Accuracy by uncertainty",
+        "",
+        "Accuracy of the mean per quartile of each measure of a pair's uncertainty, least "
+        "uncertain first (pairs per quartile: "
+        f"{', '.join(str(b['pairs']) for b in ensemble['accuracy_by_std_quartile'])}). The "
+        "margin is r(chosen) - r(rejected); its std is over members. Q1 - Q4 > 0: the measure "
+        "predicts mistakes.",
+        "",
+        "| measure | " + " | ".join(f"Q{q + 1}" for q in range(quarters)) + " | Q1 - Q4 (points) |",
+        "|---|" + "---|" * quarters + "---|",
+        *rows,
+        "",
+        "| members | pairs | accuracy |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {part['pairs']} | {part['accuracy']:.3f} |"
+            for name, part in ensemble["accuracy_by_agreement"].items()
+        ],
+        "",
+        "![accuracy by uncertainty](accuracy_by_uncertainty.png)",
+        "",
+    ]

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from transformers import PreTrainedModel
 
-__all__ = ["BatchScorer", "onnx_scorer", "pad_batch", "score_ids", "torch_scorer"]
+__all__ = [
+    "BatchScorer",
+    "onnx_scorer",
+    "pad_batch",
+    "score_ids",
+    "stacked_scorer",
+    "torch_scorer",
+]
 
 # (input_ids (B, T) int64, attention_mask (B, T) int64) -> rewards (B,) or (B, K) float32
 BatchScorer = Callable[["npt.NDArray[np.int64]", "npt.NDArray[np.int64]"], "npt.NDArray[Any]"]
@@ -94,5 +101,16 @@ def onnx_scorer(model_path: str, providers: Sequence[str] | None = None) -> Batc
     def run(input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
         (rewards,) = session.run(["reward"], {"input_ids": input_ids, "attention_mask": mask})
         return rewards  # type: ignore[no-any-return]
+
+    return run
+
+
+def stacked_scorer(scorers: Sequence[BatchScorer]) -> BatchScorer:
+    """K one-output scorers side by side: rewards (B, K), column k from scorer k (the members
+    of an independent ensemble, scored in torch)."""
+    import numpy as np
+
+    def run(input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        return np.stack([np.asarray(s(input_ids, mask)) for s in scorers], axis=1)
 
     return run

@@ -18,7 +18,14 @@ from rmserve.formatting import TextFormat
 from rmserve.manifest import Evaluation, Normalization
 from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample, ReadResult, read_examples
-from rmserve.training.metadata import TrainingInfo
+from rmserve.training.ensemble import (
+    DIVERSITY_DESCRIPTIONS,
+    bootstrap_weights,
+    init_member_heads,
+    label_members,
+    member_seeds,
+)
+from rmserve.training.metadata import EnsembleInfo, TrainingInfo
 from rmserve.training.modeling import (
     MINILM_ALIAS,
     MINILM_NAME,
@@ -49,6 +56,8 @@ class TrainResult:
     skipped: int  # malformed training rows skipped
     parted: int  # training pairs whose transcripts parted before their last turn (kept)
     max_length: int  # tokens per (prompt, response) used: the config's, or the model's limit
+    ensemble: EnsembleInfo | None = None  # set for an ensemble (evaluation: the members' mean)
+    member_accuracy: tuple[float, ...] = ()  # each member's accuracy on the eval data
 
 
 def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
@@ -124,19 +133,50 @@ def train_reward_model(
     skip_malformed: bool = False,
     limit: int | None = None,
     text_format: TextFormat | None = None,
+    bootstrap_seed: int | None = None,
 ) -> TrainResult:
     """Train a Bradley-Terry reward model on ``data`` and save it to ``out``.
 
     The same call with the same ``config.seed`` gives the same weights on the same machine:
     the seed is set before the model (and its fresh reward head) is built.
+
+    ``config.ensemble`` K > 1 trains an ensemble (:mod:`rmserve.training.ensemble`): K heads
+    on one backbone, or K whole models (``ensemble_diversity="independent"``).
+    ``bootstrap_seed`` weighs the training examples by a Poisson(1) bootstrap resample drawn
+    from it (how each member of an independent ensemble is trained).
     """
     import torch
 
+    if config.ensemble > 1 and config.ensemble_diversity == "independent":
+        from rmserve.training.independent import train_independent_ensemble
+
+        return train_independent_ensemble(
+            data,
+            out,
+            config,
+            base=base,
+            eval_data=eval_data,
+            skip_malformed=skip_malformed,
+            limit=limit,
+            text_format=text_format,
+        )
     fmt = text_format or TextFormat()
     _seed_everything(config)
     base_path = resolve_base(base)
     tokenizer = load_tokenizer(base_path)
-    model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id)
+    members = config.ensemble
+    model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id, num_labels=members)
+    ensemble = None
+    if members > 1:  # heads: one backbone, K heads; K = 1 stays exactly the single model
+        seeds = member_seeds(config.seed, members)
+        init_member_heads(model, seeds)
+        label_members(model, members)
+        ensemble = EnsembleInfo(
+            members=members,
+            diversity="heads",
+            description=DIVERSITY_DESCRIPTIONS["heads"],
+            member_seeds=seeds,
+        )
     kind, pooling = architecture_of(model)
     trainable = freeze(model, embeddings=config.freeze_embeddings, layers=config.freeze_layers)
     max_length = resolve_max_length(config, model, tokenizer, base)
@@ -155,6 +195,10 @@ def train_reward_model(
         fmt,
         truncate_long_responses=config.truncate_long_responses,
     )
+    if ensemble is not None:
+        train_set.resample(bootstrap_weights(len(train_set), ensemble.member_seeds))
+    elif bootstrap_seed is not None:
+        train_set.resample(bootstrap_weights(len(train_set), (bootstrap_seed,)))
     eval_set = (
         PreferenceDataset(eval_read.examples, encoder, fmt, truncate_long_responses=True)
         if eval_read
@@ -165,6 +209,7 @@ def train_reward_model(
         f"examples, {train_set.truncated} truncated to {max_length} tokens, "
         f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters; "
         f"processes: {config.world_size}"
+        + (f"; an ensemble of {members}: {ensemble.description}" if ensemble else "")
     )
 
     reward_model = RewardModel(model, pooling)
@@ -179,6 +224,7 @@ def train_reward_model(
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
 
     evaluation = None
+    member_accuracy: list[float] = []
     if eval_set is not None and eval_read is not None:
         # The periodic evaluation often just ran at the last step; do not score dev twice.
         last = [e for e in trainer.state.log_history if "eval_accuracy" in e]
@@ -193,6 +239,8 @@ def train_reward_model(
             mean_margin=float(metrics["eval_mean_margin"]),
             shorter_wins_accuracy=shorter_wins_accuracy(eval_read.examples),
         )
+        if ensemble is not None:
+            member_accuracy = [float(metrics[f"eval_member_{k}_accuracy"]) for k in range(members)]
     normalization = trainer.measure_normalization(train_set, seed=config.seed)
 
     out_path = Path(out)
@@ -207,6 +255,7 @@ def train_reward_model(
             evaluation=evaluation,
             train_data=str(data),
             eval_data=_absolute(eval_data),
+            ensemble=ensemble,
         ).write(out_path)
         summary: dict[str, Any] = {
             "out": str(out_path),
@@ -224,6 +273,10 @@ def train_reward_model(
                 "eval_n": evaluation.n,
                 "shorter_wins_accuracy": evaluation.shorter_wins_accuracy,
             }
+        if ensemble is not None:
+            summary |= {"ensemble": members, "diversity": ensemble.diversity}
+            if member_accuracy:
+                summary["member_accuracy"] = member_accuracy
         print(json.dumps(summary), flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank leaves before the checkpoint is complete
@@ -237,4 +290,6 @@ def train_reward_model(
         skipped=train_read.skipped,
         parted=train_read.parted,
         max_length=max_length,
+        ensemble=ensemble,
+        member_accuracy=tuple(member_accuracy),
     )

@@ -79,13 +79,27 @@ class PreferenceDataset(torch.utils.data.Dataset[dict[str, Any]]):
             self.items.append(EncodedExample([p.ids for p in pairs], example.margin))
         if not self.items:
             raise ValueError("no training examples left after encoding (all were too long)")
+        # (N, K) weight of each example for each ensemble member (its bootstrap resample);
+        # None: every example weighs 1, for a single model.
+        self.bootstrap: np.ndarray | None = None
+
+    def resample(self, weights: np.ndarray) -> None:
+        """Give example i the weight ``weights[i, k]`` in member k's loss: (N, K)."""
+        if weights.ndim != 2 or weights.shape[0] != len(self.items):
+            raise ValueError(
+                f"bootstrap weights of shape {weights.shape} do not fit {len(self.items)} examples"
+            )
+        self.bootstrap = weights
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        return {"input_ids": item.ids, "margin": item.margin}
+        feature: dict[str, Any] = {"input_ids": item.ids, "margin": item.margin}
+        if self.bootstrap is not None:
+            feature["bootstrap"] = self.bootstrap[index].tolist()  # (K,)
+        return feature
 
     @property
     def lengths(self) -> list[int]:
@@ -95,7 +109,13 @@ class PreferenceDataset(torch.utils.data.Dataset[dict[str, Any]]):
 
 @dataclass(frozen=True)
 class PreferenceCollator:
-    """Flattens the K responses of each example into rows and lists the pairs between them."""
+    """Flattens the K responses of each example into rows and lists the pairs between them.
+
+    Features with ``bootstrap`` weights (ensemble members' resamples) give one weight column
+    per member, ``w[p, k] = bootstrap[example, k] / (pairs of the example x examples)``: the
+    batch is normalised by its size, not by its weights' sum, so that a member whose resample
+    left out a whole batch simply learns nothing from it (no division by zero), and the
+    weights sum to 1 in expectation as a single model's do."""
 
     pad_token_id: int
 
@@ -104,19 +124,22 @@ class PreferenceCollator:
         winners: list[int] = []
         losers: list[int] = []
         margins: list[float] = []
-        weights: list[float] = []
+        weights: list[float] | list[list[float]] = []
         for feature in features:
             base = len(rows)
             k = len(feature["input_ids"])
             rows.extend(feature["input_ids"])
             num_pairs = k * (k - 1) // 2
+            # Each example weighs the same, whatever its K (InstructGPT).
+            share = 1.0 / (num_pairs * len(features))
+            resample = feature.get("bootstrap")
+            weight: Any = share if resample is None else [share * b for b in resample]
             for i in range(k):
                 for j in range(i + 1, k):
                     winners.append(base + i)
                     losers.append(base + j)
                     margins.append(float(feature["margin"]))
-                    # Each example weighs the same, whatever its K (InstructGPT).
-                    weights.append(1.0 / (num_pairs * len(features)))
+                    weights.append(weight)
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -129,16 +152,27 @@ class PreferenceCollator:
             "winners": torch.tensor(winners, dtype=torch.long),  # (P,) row of the preferred
             "losers": torch.tensor(losers, dtype=torch.long),  # (P,)
             "margins": torch.tensor(margins, dtype=torch.float32),  # (P,)
-            "pair_weights": torch.tensor(weights, dtype=torch.float32),  # (P,) sums to 1
+            # (P,) summing to 1, or (P, K) with one column per ensemble member
+            "pair_weights": torch.tensor(weights, dtype=torch.float32),
         }
 
 
+def _accuracy(margin: np.ndarray) -> float:
+    """Fraction of pairs with a positive margin, ties counted half."""
+    return float(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)).mean())
+
+
 def compute_pair_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Eval metrics from the (P, 2) [chosen, rejected] rewards that prediction_step returns."""
-    rewards = np.asarray(prediction.predictions, dtype=np.float64)  # (P, 2)
-    margin = rewards[:, 0] - rewards[:, 1]
-    accuracy = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)).mean()
-    return {"accuracy": float(accuracy), "mean_margin": float(margin.mean())}
+    """Eval metrics from the (P, 2) [chosen, rejected] rewards that prediction_step returns;
+    for an ensemble, (P, 2, K): the accuracy of the members' mean, and each member's."""
+    rewards = np.asarray(prediction.predictions, dtype=np.float64)  # (P, 2) or (P, 2, K)
+    mean = rewards.mean(axis=-1) if rewards.ndim == 3 else rewards  # (P, 2)
+    margin = mean[:, 0] - mean[:, 1]
+    metrics = {"accuracy": _accuracy(margin), "mean_margin": float(margin.mean())}
+    if rewards.ndim == 3:
+        for k in range(rewards.shape[-1]):
+            metrics[f"member_{k}_accuracy"] = _accuracy(rewards[:, 0, k] - rewards[:, 1, k])
+    return metrics
 
 
 class RewardTrainer(Trainer):
@@ -192,9 +226,9 @@ class RewardTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = model(inputs["input_ids"], inputs["attention_mask"])  # (N,)
-        chosen = rewards[inputs["winners"]]  # (P,)
-        rejected = rewards[inputs["losers"]]  # (P,)
+        rewards = model(inputs["input_ids"], inputs["attention_mask"])  # (N,) or (N, K)
+        chosen = rewards[inputs["winners"]]  # (P,) or (P, K)
+        rejected = rewards[inputs["losers"]]  # (P,) or (P, K)
         loss = bradley_terry_loss(
             chosen,
             rejected,
@@ -222,7 +256,7 @@ class RewardTrainer(Trainer):
         # One row per pair. With K = 2 that is one row per example, so the duplicate trimming
         # of distributed evaluation (which counts examples) is exact; with ranked examples
         # under several processes, the last batch's padding examples may count once more.
-        pairs = torch.stack([outputs["chosen"], outputs["rejected"]], dim=1)  # (P, 2)
+        pairs = torch.stack([outputs["chosen"], outputs["rejected"]], dim=1)  # (P, 2[, K])
         # Trainer calls compute_metrics only when labels exist; the pairs carry their own.
         labels = torch.zeros(pairs.size(0), device=pairs.device)
         return loss.detach(), pairs.detach(), labels
@@ -235,13 +269,16 @@ class RewardTrainer(Trainer):
         unwrapped.model.save_pretrained(target, safe_serialization=True)
 
     def measure_normalization(self, dataset: PreferenceDataset, seed: int = 0) -> Normalization:
-        """Reward mean and std over (a random sample of) the training responses."""
+        """Reward mean and std over (a random sample of) the training responses; for an
+        ensemble, of the members' mean reward (what the bundle serves)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         rows = [row for item in dataset.items for row in item.ids]
         if len(rows) > self.args.normalization_samples:
             rows = random.Random(seed).sample(rows, self.args.normalization_samples)
         scorer = torch_scorer(unwrapped.model, unwrapped.pooling)
         rewards = score_ids(scorer, rows, self.pad_token_id, self.args.per_device_eval_batch_size)
+        if rewards.ndim == 2:  # (n, K) ensemble members: the bundle's reward is their mean
+            rewards = rewards.mean(axis=1)
         total = sum(len(item.ids) for item in dataset.items)
         return Normalization(
             mean=float(rewards.mean()),

@@ -123,6 +123,7 @@ def test_three_heads_with_labels(tmp_path: Path) -> None:
     manifest = export_bundle(path, tmp_path / "bundle", max_length=256, reward_head="correctness")
     assert manifest.labels == ("helpfulness", "correctness", "coherence")
     assert manifest.reward_head == 1
+    assert manifest.ensemble is None  # K objectives, not K members: nothing says otherwise
     scores = _bundle_scores(tmp_path / "bundle")
     assert scores.shape == (len(CONVERSATIONS), 3)
     assert np.max(np.abs(scores - _reference_logits(path))) <= 1e-4

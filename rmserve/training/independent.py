@@ -1,0 +1,166 @@
+"""``--ensemble K --ensemble-diversity independent``: K whole reward models, trained one after
+the other, each with its own seed (head initialisation, dropout, data order) and its own
+Poisson(1) bootstrap resample (:mod:`rmserve.training.ensemble`).
+
+The most diverse ensemble rmserve trains, and the dearest: K times the training time of one
+model, and a bundle that runs K backbones (K times the serving cost). The checkpoint is a
+folder of members::
+
+    OUT/rmserve_training.json   the ensemble (member folders, seeds), the evaluation and the
+                                normalization of the members' mean reward
+    OUT/tokenizer.json ...      the tokenizer, shared by all members
+    OUT/member_0/ ...           each a complete rmserve checkpoint of one model
+
+``rmserve export OUT`` writes one graph whose output is [batch, K], as for an ensemble of heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rmserve.encoding import PairEncoder
+from rmserve.formatting import TextFormat
+from rmserve.manifest import Evaluation, Normalization
+from rmserve.training.data import read_examples
+from rmserve.training.ensemble import DIVERSITY_DESCRIPTIONS, member_seeds
+from rmserve.training.metadata import EnsembleInfo, TrainingInfo
+from rmserve.training.modeling import architecture_of, load_tokenizer
+from rmserve.training.pairs import encode_examples, pair_metrics
+from rmserve.training.scoring import BatchScorer, score_ids, stacked_scorer, torch_scorer
+from rmserve.training.trainer import PreferenceDataset
+from rmserve.training.uncertainty import score_members
+
+if TYPE_CHECKING:  # train.py imports this module when it is asked for independent members
+    from rmserve.training.config import RewardConfig
+    from rmserve.training.train import TrainResult
+
+__all__ = ["member_scorer", "train_independent_ensemble"]
+
+
+def member_scorer(checkpoint: Path, member_dirs: tuple[str, ...]) -> BatchScorer:
+    """The members of an independent ensemble scored in torch: rewards (B, K)."""
+    from rmserve.training.checkpoint import load_checkpoint
+
+    scorers = []
+    for name in member_dirs:
+        model = load_checkpoint(str(checkpoint / name)).model  # refuses a head that did not load
+        scorers.append(torch_scorer(model, architecture_of(model)[1]))
+    return stacked_scorer(scorers)
+
+
+def train_independent_ensemble(
+    data: str,
+    out: str | Path,
+    config: RewardConfig,
+    *,
+    base: str,
+    eval_data: str | None,
+    skip_malformed: bool,
+    limit: int | None,
+    text_format: TextFormat | None,
+) -> TrainResult:
+    """Train K members into ``out/member_k`` and describe them as one ensemble in ``out``."""
+    from rmserve.training.train import TrainResult, train_reward_model
+
+    root = Path(out)
+    members = config.ensemble
+    seeds = member_seeds(config.seed, members)
+    names = tuple(f"member_{k}" for k in range(members))
+    results = []
+    for name, seed in zip(names, seeds, strict=True):
+        member_config = dataclasses.replace(
+            config, ensemble=1, seed=seed, output_dir=str(root / name)
+        )
+        results.append(
+            train_reward_model(
+                data,
+                root / name,
+                member_config,
+                base=base,
+                eval_data=eval_data,
+                skip_malformed=skip_malformed,
+                limit=limit,
+                text_format=text_format,
+                bootstrap_seed=seed,
+            )
+        )
+    first = TrainingInfo.read(root / names[0])
+    if first is None:  # pragma: no cover - train_reward_model always writes it
+        raise RuntimeError(f"{root / names[0]} has no training info")
+    tokenizer = load_tokenizer(str(root / names[0]))
+    encoder = PairEncoder(tokenizer.backend_tokenizer, first.max_length)
+    scorer = member_scorer(root, names)
+    pad_token_id = int(tokenizer.pad_token_id)
+    batch_size = config.per_device_eval_batch_size
+
+    evaluation = None
+    member_accuracy: tuple[float, ...] = ()
+    if eval_data:
+        examples = read_examples(
+            eval_data, skip_malformed=skip_malformed, text_format=first.text_format
+        ).examples
+        encoded = encode_examples(examples, encoder, first.text_format)
+        scores = score_members(encoded, scorer, pad_token_id, batch_size)
+        metrics = pair_metrics(scores.mean())
+        member_accuracy = tuple(
+            float(pair_metrics(scores.member(k))["accuracy"]) for k in range(members)
+        )
+        evaluation = Evaluation(
+            accuracy=float(metrics["accuracy"]),
+            n=int(metrics["n"]),
+            data=str(eval_data),
+            mean_margin=float(metrics["mean_margin"]),
+            shorter_wins_accuracy=float(metrics["shorter_wins_accuracy"]),
+        )
+
+    # The bundle's reward is the members' mean: its mean and std on the training responses,
+    # sampled as the trainer samples them for one model.
+    train_read = read_examples(
+        data, skip_malformed=skip_malformed, text_format=first.text_format, limit=limit
+    )
+    dataset = PreferenceDataset(
+        train_read.examples,
+        encoder,
+        first.text_format,
+        truncate_long_responses=config.truncate_long_responses,
+    )
+    rows = [row for item in dataset.items for row in item.ids]
+    total = len(rows)
+    if len(rows) > config.normalization_samples:
+        rows = random.Random(config.seed).sample(rows, config.normalization_samples)
+    rewards = score_ids(scorer, rows, pad_token_id, batch_size).mean(axis=1)  # (n,)
+    normalization = Normalization(
+        mean=float(rewards.mean()),
+        std=float(max(rewards.std(), 1e-6)),
+        n=len(rows),
+        reference=f"training responses ({len(rows)} of {total}), members' mean reward",
+    )
+
+    ensemble = EnsembleInfo(
+        members=members,
+        diversity="independent",
+        description=DIVERSITY_DESCRIPTIONS["independent"],
+        member_seeds=seeds,
+        member_dirs=names,
+    )
+    if config.process_index == 0:
+        tokenizer.save_pretrained(str(root))
+        dataclasses.replace(
+            first, normalization=normalization, evaluation=evaluation, ensemble=ensemble
+        ).write(root)
+    return TrainResult(
+        out=root,
+        train_loss=sum(r.train_loss for r in results) / members,
+        losses=[loss for r in results for loss in r.losses],
+        evaluation=evaluation,
+        normalization=normalization,
+        train_examples=results[0].train_examples,
+        skipped=results[0].skipped,
+        parted=results[0].parted,
+        max_length=first.max_length,
+        ensemble=ensemble,
+        member_accuracy=member_accuracy,
+    )
