@@ -6,7 +6,7 @@ A bundle is a directory::
                         ([batch], or [batch, K] for a model with K > 1 heads or an
                         ensemble of K members)
     model.onnx.data     the weights as ONNX external data, for models past protobuf's 2 GB
-    model.int8.onnx     optional dynamic-int8 variant for CPU
+    model.int8.onnx     optional int8 variant for CPU (per-token, batch-invariant)
     model.fp16.onnx     optional fp16 variant for GPU (``model.fp16.onnx.data`` when large)
     tokenizer.json      fast tokenizer for the ``tokenizers`` library
     rmserve.json        this manifest

@@ -86,6 +86,7 @@ from rmserve.training.pairs import (
     pair_metrics,
     score_pairs,
 )
+from rmserve.training.quantize import quantize_int8
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
 from rmserve.training.text_path import (
     TextFormatChoice,
@@ -97,6 +98,8 @@ from rmserve.training.uncertainty import MemberScores, disagreement, score_membe
 
 # "fused": torch.export (dynamo), then ONNX Runtime's fused transformer operators
 # (rmserve.training.fusion): attention and RMS norms in one kernel each.
+# Eval texts that choose int8's fp32 outlier channels (32 were enough on MiniLM).
+CALIBRATION_TEXTS = 128
 Exporter = Literal["torchscript", "dynamo", "fused"]
 
 __all__ = ["ExportError", "export_bundle", "export_onnx"]
@@ -215,22 +218,6 @@ def _graph_parity(
             "checkpoint does"
         )
     return per_output
-
-
-def _quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # Per-channel weights keep small hidden sizes accurate; activations are quantized per batch.
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-") as tmp:
-        out = Path(tmp) / dst.name
-        quantize_dynamic(
-            str(src),
-            str(out),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            use_external_data_format=data_file(src).exists(),
-        )
-        gather_external_data(out, dst)
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
@@ -672,7 +659,12 @@ def _variant(
 ) -> dict[str, float]:
     """Convert the fp32 graph to ``precision`` and check its decisions on the eval pairs."""
     path = staging / VARIANT_FILES[precision]
-    (_quantize_int8 if precision == "int8" else _convert_fp16)(graph, path)
+    if precision == "int8":
+        # Per-token int8 (batch-invariant); the eval texts only choose which few input
+        # channels stay in fp32 (rmserve.training.quantize), no scale is fitted to them.
+        quantize_int8(graph, path, encoded.ids[:CALIBRATION_TEXTS], plan.pad_token_id)
+    else:
+        _convert_fp16(graph, path)
     scorer = _graph_scorer(path, precision)
     scores = _pair_scores(encoded, scorer, plan)
     numbers = _decision_parity(
