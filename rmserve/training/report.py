@@ -206,7 +206,8 @@ def _ensemble_section(accuracy: float, ensemble: dict[str, Any]) -> list[str]:
         bins = ensemble[key]
         cells = " | ".join(f"{b['accuracy']:.3f}" for b in bins)
         gap = (bins[0]["accuracy"] - bins[-1]["accuracy"]) * 100
-        rows.append(f"| {label} | {cells} | {gap:+.1f} |")
+        cell = label.replace("|", "\\|")  # a bare | would end the table cell
+        rows.append(f"| {cell} | {cells} | {gap:+.1f} |")
     return [
         f"## Ensemble of {ensemble['members']} members",
         "",
