@@ -12,10 +12,13 @@ HH-harmless dev, tokenized by the bundle's own encoder:
   (b) through the service's own ``Batcher`` and ``ModelRuntime`` (2 instances of 1 thread,
   batches of up to 8, the default padding ratio, then a padding ratio of 100 for batches of
   mixed lengths), the 240 pairs sent as concurrent 2-item requests in random order;
+- ``last_900_train_examples``: the same decisions on the pairs of the last 900 training
+  examples (the model has seen them, but they hold more near-ties than dev: a second sample
+  of the flip rate);
 - ``speed``: responses ("pairs" of prompt and response) per second over a fixed sample of
   160 dev responses in length-sorted batches of 8 and of 32, one session of ``--threads``
-  threads; the candidates alternate within each round, so load on the machine hits them
-  alike, and the ratios are medians of per-round ratios.
+  threads each; the candidates take turns batch by batch, so that load on the machine hits
+  them alike, and the ratios are medians of per-round ratios.
 
 Candidates: ``fp32``; ``dynamic`` (``quantize_dynamic``, per-channel int8 weights: the int8
 variant of export before issue 16); ``static_qdq`` (``quantize_static``, QDQ, per-channel
@@ -23,11 +26,14 @@ weights, MatMuls with constant weights only, MinMax calibration on 128 training 
 softmax, LayerNorm and attention in fp32); ``nbits8_b{16,32,128}`` (weight-only 8-bit
 ``MatMulNBits`` with ``accuracy_level`` 4: activations quantized per block of each row);
 ``per_token`` (rmserve.training.quantize with no outlier channels) and ``per_token_outliers``
-(rmserve.training.quantize as export uses it). ``calibration`` repeats the chosen scheme's
-decision check over several calibration samples (the only thing calibration decides is which
-channels stay in fp32).
+(rmserve.training.quantize with its 16 outlier channels, chosen on 128 training texts).
+``per_token_outliers_calibration`` repeats that scheme's decision check over six samples of
+training texts and over export's own choice, the first 128 eval responses (calibration only
+decides which channels stay in fp32).
 
-    python -m benchmarks.int8 --bundle /work/int8-bundle
+    rmserve train --output-dir /work/int8-ckpt        # the default recipe, if not done yet
+    rmserve export /work/int8-ckpt --out /work/int8-bundle
+    python -m benchmarks.int8 --bundle /work/int8-bundle   # ~15 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -61,8 +67,10 @@ __all__ = ["main"]
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless"
 CALIBRATION_ROWS = 128  # training texts for the calibrated candidates
+EXPORT_CALIBRATION = 128  # eval texts export calibrates int8 on
 SPEED_SAMPLE = 160  # dev responses timed per pass
 BATCH_SIZES = (8, 32)
+MORE_EXAMPLES = 900  # training examples (seen in training) scored as a second sample of pairs
 
 Builder = Callable[[Path, Path], None]  # (fp32 model, destination)
 
@@ -70,8 +78,9 @@ Builder = Callable[[Path, Path], None]  # (fp32 model, destination)
 @dataclasses.dataclass
 class Data:
     manifest: Manifest
-    dev: EncodedExamples
-    train_ids: list[list[int]]
+    dev: EncodedExamples  # the 240 dev pairs: the decision check
+    train_ids: list[list[int]]  # responses of the first 400 training examples: calibration
+    more: EncodedExamples  # the last 900 training examples: more near-ties, a second sample
 
     @property
     def pad(self) -> int:
@@ -239,13 +248,14 @@ def _decisions(scores: np.ndarray, reference: np.ndarray, dev: EncodedExamples) 
     }
 
 
-def export_scores(path: Path, data: Data) -> np.ndarray:
+def export_scores(path: Path, data: Data, pairs: EncodedExamples | None = None) -> np.ndarray:
+    """Scores of every response, in length-sorted batches of 32 as export scores them."""
     model = session(path, 2)
 
     def run(ids: Any, mask: Any) -> Any:
         return model.run(["reward"], {"input_ids": ids, "attention_mask": mask})[0]
 
-    return score_ids(run, data.dev.ids, data.pad, 32)
+    return score_ids(run, (pairs or data.dev).ids, data.pad, 32)
 
 
 def server_scores(
@@ -295,22 +305,30 @@ def server_scores(
 
 
 def speed(paths: dict[str, Path], data: Data, threads: int, rounds: int) -> dict[str, Any]:
+    """Responses per second at each batch size. The candidates take turns batch by batch
+    (in a rotating order), so that a change of load on a shared machine hits them alike;
+    the ratios are medians over rounds of per-round ratios."""
     sample = random.Random(2).sample(data.dev.ids, SPEED_SAMPLE)
     order = sorted(sample, key=len)
+    names = list(paths)
     sessions = {name: session(path, threads) for name, path in paths.items()}
     out: dict[str, Any] = {}
     for size in BATCH_SIZES:
         batches = [pad_batch(order[i : i + size], data.pad) for i in range(0, len(order), size)]
-        times: dict[str, list[float]] = {name: [] for name in sessions}
+        feeds = [{"input_ids": ids, "attention_mask": mask} for ids, mask in batches]
         for model in sessions.values():  # warm-up: allocations of every shape
-            for ids, mask in batches:
-                model.run(["reward"], {"input_ids": ids, "attention_mask": mask})
+            for feed in feeds:
+                model.run(["reward"], feed)
+        times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(rounds):
-            for name, model in sessions.items():
-                started = time.perf_counter()
-                for ids, mask in batches:
-                    model.run(["reward"], {"input_ids": ids, "attention_mask": mask})
-                times[name].append(time.perf_counter() - started)
+            spent = dict.fromkeys(names, 0.0)
+            for b, feed in enumerate(feeds):
+                for name in names[b % len(names) :] + names[: b % len(names)]:
+                    started = time.perf_counter()
+                    sessions[name].run(["reward"], feed)
+                    spent[name] += time.perf_counter() - started
+            for name in names:
+                times[name].append(spent[name])
         out[f"batch{size}"] = {
             name: {
                 "pairs_per_s": len(order) / statistics.median(t),
@@ -333,11 +351,11 @@ def load_data(bundle: Path, dev_path: Path, train_path: Path) -> Data:
         str(bundle / TOKENIZER_NAME), manifest.max_length, manifest.text_format
     )
     dev = encode_examples(read_examples(dev_path).examples, encoder, manifest.text_format)
-    train = encode_examples(
-        read_examples(train_path, limit=400).examples, encoder, manifest.text_format
-    )
+    examples = read_examples(train_path).examples
+    train = encode_examples(examples[:400], encoder, manifest.text_format)
+    more = encode_examples(examples[-MORE_EXAMPLES:], encoder, manifest.text_format)
     train_ids = random.Random(0).sample(train.ids, len(train.ids))
-    return Data(manifest=manifest, dev=dev, train_ids=train_ids)
+    return Data(manifest=manifest, dev=dev, train_ids=train_ids, more=more)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-data", type=Path, default=HH / "dev.jsonl.gz")
     parser.add_argument("--train-data", type=Path, default=HH / "train.jsonl.gz")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--work", type=Path, default=None, help="folder for the candidates")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args(argv)
@@ -370,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     paths: dict[str, Path] = {}
     results: dict[str, dict[str, Any]] = {}
     reference = export_scores(src, data)
+    more_reference = export_scores(src, data, data.more)
     for name, build in builders.items():
         path = src if build is None else work / f"{name}.onnx"
         entry: dict[str, Any] = {}
@@ -383,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, ratio in (("server_batches", 1.15), ("server_mixed_batches", 100.0)):
             scores, mean_batch = server_scores(path, data, args.bundle, ratio)
             entry[label] = _decisions(scores, reference, data.dev) | {"mean_batch": mean_batch}
+        more = export_scores(path, data, data.more)
+        entry[f"last_{MORE_EXAMPLES}_train_examples"] = _decisions(more, more_reference, data.more)
         paths[name] = path
         results[name] = entry
         print(name, json.dumps(entry), flush=True)
@@ -396,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         calibration.append(
             {"calibration": label} | _decisions(export_scores(path, data), reference, data.dev)
         )
-    dev_rows = data.dev.ids[:: max(1, len(data.dev.ids) // CALIBRATION_ROWS)]
-    per_token(data, 16, dev_rows)(src, work / "calibrated.onnx")
+    # What export passes (rmserve/training/export.py, CALIBRATION_TEXTS): the first 128 eval
+    # responses, encoded as the bundle encodes them.
+    per_token(data, 16, data.dev.ids[:EXPORT_CALIBRATION])(src, work / "calibrated.onnx")
     calibration.append(
-        {"calibration": f"dev{len(dev_rows)} (as export)"}
+        {"calibration": f"first {EXPORT_CALIBRATION} dev responses (as export)"}
         | _decisions(export_scores(work / "calibrated.onnx", data), reference, data.dev)
     )
     for row in calibration:
@@ -418,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "pairs": len(data.dev.winners),
             "responses": len(data.dev.ids),
+            "more_pairs": len(data.more.winners),
         },
         "candidates": results,
         "per_token_outliers_calibration": calibration,

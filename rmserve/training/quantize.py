@@ -2,31 +2,34 @@
 
 ``onnxruntime.quantization.quantize_dynamic`` (the int8 variant before this module) quantizes
 each MatMul's input with *one* scale for the whole batch, so an item's score moved with its
-neighbours: over 96 real dev texts of the default MiniLM recipe, by up to 0.29 between scoring
-alone and in batches of 8, and its decisions agreed with fp32 on 92.9% of the 240 dev pairs.
+neighbours: on the default MiniLM recipe, by up to 0.40 between scoring a dev text alone and
+in a batch of 8, and its decisions agreed with fp32 on 92.9% of the 240 dev pairs (95.4%
+through the server's batching).
 
 Here every row (token) of a MatMul's input gets its own scale, from that row alone:
 
 - weights: int8, symmetric, one scale per output column (per channel);
 - activations: uint8, asymmetric, one (min, max) per token, computed in the graph at run time;
-  ``MatMulInteger`` then accumulates in int32, which is exact whatever the batch shape;
+  the int8 product (``MatMulIntegerToFloat``) accumulates in int32, exact whatever the batch;
 - outlier channels: the ``outlier_channels`` input channels of largest magnitude on the
   calibration texts stay in fp32 (a small fp32 MatMul beside the int8 one), so that they do
   not set every token's scale (LLM.int8()'s decomposition, with the channels fixed at export).
-  BERT-style encoders carry a few channels 10-15x larger than the rest (MiniLM: up to 30 against
-  a median of 2 after some LayerNorms).
+  BERT-style encoders carry a few channels 10-15x larger than the rest (MiniLM: up to 30
+  against a median of 2 after some LayerNorms).
 
 Nothing in a row's score depends on another row, so an item scores the same alone or in any
 batch, bit for bit, as far as the fp32 operators around the MatMuls do (they do on ORT's CPU
-kernels: tests/training/test_quantize.py pins both). Calibration only chooses *which* channels
-stay in fp32; the scales are not calibrated, so a calibration set that misses some inputs
-costs a little accuracy, never a clipped activation.
+kernels; tests/training/test_quantize.py checks both). Calibration only chooses *which*
+channels stay in fp32; no scale is fitted, so a calibration set that misses some inputs costs
+a little accuracy, never a clipped activation.
 
-Measured on the default recipe (minilm-hh, 240 dev pairs, benchmarks/int8.py, results in
-benchmarks/results/cpu/int8.json): decisions agree with fp32 on 99.2-100% of the pairs over
-seven calibration samples of 32-128 training texts (dynamic int8: 92.9%; per-token without
-outlier channels: 97.1%; static QDQ with calibrated scales: 85%), RMS score error 0.009-0.011
-(dynamic: 0.054). Attention's activation-by-activation MatMuls, softmax, LayerNorm, GELU, the
+Measured on the default recipe (benchmarks/int8.py, benchmarks/results/cpu/int8.json, 2 CPU
+cores): RMS score error 0.0097 against fp32 (dynamic int8: 0.054; per-token without outlier
+channels: 0.021; static QDQ with calibrated per-tensor scales: 0.17); decisions agree with
+fp32 on 99.2-100% of the 240 dev pairs over seven calibration samples (99.6% as export
+calibrates, the same through the server's batching) and on 99.3% of 900 more pairs. Speed:
+1.35-1.46x fp32, 0.74-0.79x dynamic int8 (the per-token statistics and the fp32 side product
+cost that). Attention's activation-by-activation MatMuls, softmax, LayerNorm, GELU, the
 embeddings and the pooler/classifier ``Gemm`` stay in fp32.
 
 Only ``MatMul`` nodes whose second input is a 2-D float32 initializer are rewritten; each
@@ -52,13 +55,15 @@ if TYPE_CHECKING:
 
 __all__ = ["OUTLIER_CHANNELS", "Int8Summary", "QuantizationError", "quantize_int8"]
 
-# Input channels kept in fp32 per quantized MatMul input. Measured on the default MiniLM
-# (benchmarks/int8.py): 0 -> 97.1% agreement with fp32, 8 -> 99.2-99.6%, 16 -> 99.6-100%,
-# at a speed cost of a few percent.
+# Input channels kept in fp32 per quantized MatMul input (at most a quarter of them). On the
+# default MiniLM (benchmarks/int8.py): 0 -> RMS error 0.021 and 98.4% agreement with fp32 on
+# 900 training pairs; 16 -> 0.0097 and 99.3%, for 7-11% of the speed.
 OUTLIER_CHANNELS = 16
 
 # A row whose values are all equal still gets a nonzero scale.
 _MIN_RANGE = 1e-12
+# onnxruntime's own operators (MatMulIntegerToFloat): bundles run on onnxruntime only.
+_ORT_DOMAIN = "com.microsoft"
 
 
 class QuantizationError(ValueError):
@@ -148,21 +153,18 @@ def _calibrate(
     import onnx
     import onnxruntime as ort
 
-    # The probe is the fp32 graph with the MatMul inputs as extra outputs, saved beside src
-    # so that an external .data file (a model past 2 GB) resolves as it does for src.
+    # The probe is the fp32 graph with the MatMul inputs as extra outputs. It is saved beside
+    # src, so that the external data of a model past 2 GB (a relative path) resolves.
     probe = onnx.load(str(src), load_external_data=False)
     for name in names:
-        probe.graph.output.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        )
+        output = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        probe.graph.output.append(output)
     out: dict[str, npt.NDArray[np.float32]] = {}
-    with tempfile.TemporaryDirectory(dir=src.parent, prefix=".int8-probe-") as tmp:
-        path = Path(tmp) / src.name
-        onnx.save(probe, str(path))
-        _relink_external_data(path, src)
+    with tempfile.NamedTemporaryFile(dir=src.parent, prefix=".int8-probe-", suffix=".onnx") as f:
+        onnx.save(probe, f.name)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(f.name, options, providers=["CPUExecutionProvider"])
         order = sorted(rows, key=len)  # little padding
         for start in range(0, len(order), batch_size):
             input_ids, mask = pad_batch(order[start : start + batch_size], pad_token_id)
@@ -170,28 +172,11 @@ def _calibrate(
             values = session.run(names, {"input_ids": input_ids, "attention_mask": mask})
             for name, value in zip(names, values, strict=True):
                 flat = np.abs(value.reshape(-1, value.shape[-1]))  # (B*T, K)
-                if flat.shape[0] == real.shape[0]:
+                if flat.shape[0] == real.shape[0]:  # per token, not after pooling
                     flat = flat[real]
                 peak = flat.max(axis=0).astype(np.float32)  # (K,)
                 out[name] = np.maximum(out[name], peak) if name in out else peak
     return out
-
-
-def _relink_external_data(probe: Path, src: Path) -> None:
-    """Point the probe's external tensors at src's folder (the probe lives one level down)."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    model = onnx.load(str(probe), load_external_data=False)
-    changed = False
-    for tensor in _get_all_tensors(model):
-        if uses_external_data(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = str(src.parent.resolve() / entry.value)
-                    changed = True
-    if changed:
-        onnx.save(model, str(probe))
 
 
 class _Rewriter:
@@ -206,14 +191,16 @@ class _Rewriter:
         low, high = min(inliers, 0), max(inliers, 0)       (M, 1)   per token
         scale   = (high - low) / 255,  zero = round(-low / scale)   per token
         codes   = QuantizeLinear(inliers, scale, zero, axis=0)      (M, K) uint8
-        side    = [side_x, -scale * zero]                  (M, k + 1)
+        side    = [side_x, -scale * zero, 1]               (M, k + 2)
 
     and for each W, with Wq = int8 codes of W's inlier rows and per-column scales c (N,):
 
-        y = float(MatMulInteger(codes, Wq)) * c * scale + side @ [W[outliers]; colsum]
+        y = MatMulIntegerToFloat(codes, Wq, 1, c) * scale + side @ [W[outliers]; colsum; b]
 
     where colsum (N,) is the column sums of Wq * c, so that ``-scale * zero * colsum`` undoes
-    the zero point. Every factor of a row comes from that row: nothing mixes tokens.
+    the zero point, and b is the bias of the Add that read the MatMul (folded in; the column
+    of ones and b's row are left out when no MatMul of x has one). Every factor of a row comes
+    from that row: nothing mixes tokens.
     """
 
     def __init__(self, model: Any, outlier_channels: int):
@@ -225,7 +212,13 @@ class _Rewriter:
         )
         # first output of a replaced MatMul -> the nodes that replace it
         self.replacements: dict[str, list[Any]] = {}
+        self.folded: set[str] = set()  # outputs of bias Adds folded into the fp32 side product
         self.initializers: list[Any] = []
+        self.consumers: dict[str, list[Any]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in model.graph.output}
 
     def constant(self, name: str, value: npt.ArrayLike) -> str:
         from onnx import numpy_helper
@@ -242,17 +235,51 @@ class _Rewriter:
         channels = int(channel_max.shape[0])
         count = min(self.outlier_channels, channels // 4)
         outliers = np.sort(np.argsort(channel_max)[channels - count :]).astype(np.int64)  # (k,)
-        head = self._quantize_input(prefix, input_name, outliers, channels)
-        for j, node in enumerate(nodes):
+        biases = [self._bias_of(node) for node in nodes]
+        with_bias = any(b is not None for b in biases)
+        head = self._quantize_input(prefix, input_name, outliers, channels, with_bias)
+        for j, (node, bias) in enumerate(zip(nodes, biases, strict=True)):
             weight = numpy_helper.to_array(self.weights[node.input[1]]).astype(np.float32)
-            tail = self._int8_matmul(prefix, f"{prefix}/{j}", node.output[0], weight, outliers)
+            output = node.output[0]
+            bias_row = None
+            if bias is not None:  # the Add's output comes straight from the int8 nodes
+                add, bias_row = bias
+                output = add.output[0]
+                self.folded.add(output)
+            elif with_bias:
+                bias_row = np.zeros(weight.shape[1], dtype=np.float32)
+            tail = self._int8_matmul(prefix, f"{prefix}/{j}", output, weight, outliers, bias_row)
             self.replacements[node.output[0]] = (head if j == 0 else []) + tail
 
+    def _bias_of(self, node: Any) -> tuple[Any, npt.NDArray[np.float32]] | None:
+        """The Add of a constant bias (N,) that alone reads this MatMul's output, if any."""
+        from onnx import TensorProto, numpy_helper
+
+        output = node.output[0]
+        readers = self.consumers.get(output, [])
+        if output in self.graph_outputs or len(readers) != 1 or readers[0].op_type != "Add":
+            return None
+        add = readers[0]
+        others = [name for name in add.input if name != output]
+        if len(add.input) != 2 or len(others) != 1 or others[0] not in self.weights:
+            return None
+        bias = self.weights[others[0]]
+        columns = self.weights[node.input[1]].dims[1]
+        if bias.data_type != TensorProto.FLOAT or list(bias.dims) != [columns]:
+            return None
+        return add, numpy_helper.to_array(bias).astype(np.float32)
+
     def _quantize_input(
-        self, prefix: str, x: str, outliers: npt.NDArray[np.int64], channels: int
+        self,
+        prefix: str,
+        x: str,
+        outliers: npt.NDArray[np.int64],
+        channels: int,
+        with_bias: bool,
     ) -> list[Any]:
         """The per-input nodes: ``{prefix}/codes`` (M, K) uint8, ``{prefix}/scale`` (M, 1),
-        ``{prefix}/side`` (M, k + 1) and ``{prefix}/lead`` (x's shape but its last axis)."""
+        ``{prefix}/side`` (M, k + 1, or k + 2 with a column of ones for the biases) and
+        ``{prefix}/lead`` (x's shape but its last axis)."""
         from onnx import TensorProto, helper
 
         def name(suffix: str) -> str:
@@ -329,6 +356,16 @@ class _Rewriter:
             node("Neg", [name("offset_neg")], "offset"),  # x ~ scale * code + offset
         ]
         side.append(name("offset"))
+        if with_bias:
+            nodes += [
+                node("Shape", [name("offset")], "column_shape"),
+                node(
+                    "Expand",
+                    [self.constant(name("1"), np.float32(1.0)), name("column_shape")],
+                    "ones",
+                ),
+            ]
+            side.append(name("ones"))
         nodes.append(
             node("Concat", side, "side", axis=1)
             if len(side) > 1
@@ -343,9 +380,10 @@ class _Rewriter:
         output: str,
         weight: npt.NDArray[np.float32],
         outliers: npt.NDArray[np.int64],
+        bias: npt.NDArray[np.float32] | None,
     ) -> list[Any]:
-        """The nodes of one MatMul, writing ``output`` with x's leading axes."""
-        from onnx import TensorProto, helper
+        """The nodes of one MatMul (and its bias), writing ``output`` with x's leading axes."""
+        from onnx import helper
 
         inlier_weight = weight.copy()  # (K, N)
         inlier_weight[outliers, :] = 0.0
@@ -355,34 +393,37 @@ class _Rewriter:
         codes = np.clip(np.round(inlier_weight / column_scale), -127, 127).astype(np.int8)
         # The offset of every inlier channel meets the column sums of the weights it meets.
         column_sums = (codes.astype(np.float64) * column_scale).sum(axis=0)  # (N,)
-        side_weight = np.concatenate([weight[outliers, :], column_sums[None, :]])  # (k + 1, N)
+        rows = [weight[outliers, :], column_sums[None, :]]
+        if bias is not None:
+            rows.append(bias[None, :])
+        side_weight = np.concatenate(rows).astype(np.float32)  # (k + 1 or k + 2, N)
         columns = int(weight.shape[1])
 
         def node(op: str, inputs: list[str], out: str, **attrs: Any) -> Any:
             return helper.make_node(op, inputs, [out], name=f"{out}/{op}", **attrs)
 
         return [
-            node(
-                "MatMulInteger",
-                [f"{base}/codes", self.constant(f"{prefix}/weight_codes", codes)],
-                f"{prefix}/int32",
-            ),  # (M, N), exact
-            # Cast and two Muls: ORT's DequantizeLinear of int32 per axis measured 4x slower.
-            node("Cast", [f"{prefix}/int32"], f"{prefix}/float", to=TensorProto.FLOAT),
-            node(
-                "Mul",
-                [f"{prefix}/float", self.constant(f"{prefix}/column_scale", column_scale)],
-                f"{prefix}/per_column",
-            ),
+            # int32 product (exact) times 1 * column_scale, in one ORT kernel: measured 7%
+            # faster than MatMulInteger, Cast and Mul (and DequantizeLinear of int32 per axis
+            # 4x slower still).
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [
+                    f"{base}/codes",
+                    self.constant(f"{prefix}/weight_codes", codes),
+                    self.constant(f"{prefix}/unit_scale", np.float32(1.0)),
+                    self.constant(f"{prefix}/column_scale", column_scale),
+                ],
+                [f"{prefix}/per_column"],
+                name=f"{prefix}/MatMulIntegerToFloat",
+                domain=_ORT_DOMAIN,
+            ),  # (M, N)
             node("Mul", [f"{prefix}/per_column", f"{base}/scale"], f"{prefix}/int8_part"),
             node(
                 "MatMul",
-                [
-                    f"{base}/side",
-                    self.constant(f"{prefix}/side_weight", side_weight.astype(np.float32)),
-                ],
+                [f"{base}/side", self.constant(f"{prefix}/side_weight", side_weight)],
                 f"{prefix}/fp32_part",
-            ),
+            ),  # outliers, zero point and bias
             node("Add", [f"{prefix}/int8_part", f"{prefix}/fp32_part"], f"{prefix}/rows"),
             node(
                 "Concat",
@@ -402,13 +443,18 @@ class _Rewriter:
         return helper.make_node(op, [x], [out], name=f"{out}/{op}", axes=[1], keepdims=1)
 
     def finish(self) -> None:
+        from onnx import helper
+
         graph = self.model.graph
         nodes = []
         for node in graph.node:
-            nodes += self.replacements.get(node.output[0], [node])
+            if node.output[0] not in self.folded:
+                nodes += self.replacements.get(node.output[0], [node])
         del graph.node[:]
         graph.node.extend(nodes)
         used = {name for node in graph.node for name in node.input}
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend([*kept, *self.initializers])
+        if not any(o.domain == _ORT_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(_ORT_DOMAIN, 1))

@@ -138,7 +138,7 @@ def test_int8_is_close_to_fp32_and_really_int8(
     ops = [n.op_type for n in graph.node]
     weights = {t.name for t in onnx.load(str(fp32)).graph.initializer if len(t.dims) == 2}
     matmuls = [n for n in onnx.load(str(fp32)).graph.node if n.op_type == "MatMul"]
-    assert ops.count("MatMulInteger") == sum(n.input[1] in weights for n in matmuls) > 0
+    assert ops.count("MatMulIntegerToFloat") == sum(n.input[1] in weights for n in matmuls) > 0
     assert "DynamicQuantizeLinear" not in ops  # nothing scaled per batch
 
 
@@ -199,6 +199,34 @@ def test_outlier_channels_stay_fp32(tmp_path: Path, opset: int) -> None:
     assert np.abs(y - expected).max() / np.abs(expected).max() < 5e-3
     alone = {k: v[1:2, 3:4] for k, v in feed.items()}
     assert np.array_equal(session.run(None, alone)[0][0, 0], y[1, 3])  # alone = in a batch
+
+
+def test_model_with_external_data(
+    spread_encoder: Path,
+    int8_models: dict[str, tuple[Path, Path, list[list[int]], int]],
+    tmp_path: Path,
+) -> None:
+    """A model past protobuf's 2 GB keeps its weights in model.onnx.data: calibration reads
+    them where they are, and the int8 graph equals the one made from the same weights inline."""
+    _, inline, rows, pad = int8_models["spread_encoder"]
+    src = tmp_path / "model.onnx"
+    onnx.save_model(
+        onnx.load(str(spread_encoder / "model.onnx")),
+        str(src),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    assert (tmp_path / "model.onnx.data").stat().st_size > src.stat().st_size
+    quantize_int8(src, tmp_path / "model.int8.onnx", rows[::2], pad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.int8.onnx",
+        "model.onnx",
+        "model.onnx.data",
+    ]  # the calibration probe is gone
+    expected = _score(onnx_scorer(str(inline)), rows[:16], pad)
+    actual = _score(onnx_scorer(str(tmp_path / "model.int8.onnx")), rows[:16], pad)
+    assert np.array_equal(actual, expected)
 
 
 def test_refusals(tmp_path: Path, spread_encoder: Path) -> None:
