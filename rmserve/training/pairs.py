@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import AnyTextFormat, RenderedText
@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["EncodedExamples", "PairScores", "encode_examples", "pair_metrics", "score_pairs"]
+__all__ = [
+    "EncodedExamples",
+    "PairScores",
+    "by_pair",
+    "encode_examples",
+    "pair_metrics",
+    "score_pairs",
+]
 
 
 @dataclass(frozen=True)
@@ -76,18 +83,24 @@ def score_pairs(
     head: int = 0,
 ) -> PairScores:
     """Scores of every pair; for a model with several heads, those of ``head``."""
-    import numpy as np
-
     rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)
     if rewards.ndim == 2:  # (N, K) -> (N,)
         rewards = rewards[:, head]
+    return PairScores(**by_pair(rewards, encoded))
+
+
+def by_pair(rewards: Any, encoded: EncodedExamples) -> dict[str, Any]:
+    """Per-row rewards ((N,) or (N, K)) and response lengths, picked per (winner, loser) pair:
+    the fields of :class:`PairScores` and of an ensemble's member scores."""
+    import numpy as np
+
     chars = np.asarray(encoded.response_chars, dtype=np.int64)
-    return PairScores(
-        chosen=rewards[encoded.winners],
-        rejected=rewards[encoded.losers],
-        chosen_chars=chars[encoded.winners],
-        rejected_chars=chars[encoded.losers],
-    )
+    return {
+        "chosen": rewards[encoded.winners],
+        "rejected": rewards[encoded.losers],
+        "chosen_chars": chars[encoded.winners],
+        "rejected_chars": chars[encoded.losers],
+    }
 
 
 def pair_metrics(scores: PairScores) -> dict[str, float | int]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmserve.training.pairs import EncodedExamples, PairScores, pair_metrics
+from rmserve.training.pairs import EncodedExamples, PairScores, by_pair, pair_metrics
 from rmserve.training.scoring import BatchScorer, score_ids
 
 if TYPE_CHECKING:
@@ -70,13 +70,7 @@ def score_members(
     rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)  # (N, K)
     if rewards.ndim != 2:
         raise ValueError(f"an ensemble scorer returns (batch, K) rewards, got {rewards.shape}")
-    chars = np.asarray(encoded.response_chars, dtype=np.int64)
-    return MemberScores(
-        chosen=rewards[encoded.winners],
-        rejected=rewards[encoded.losers],
-        chosen_chars=chars[encoded.winners],
-        rejected_chars=chars[encoded.losers],
-    )
+    return MemberScores(**by_pair(rewards, encoded))
 
 
 def _unanimous(margins: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
