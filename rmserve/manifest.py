@@ -8,6 +8,9 @@ A bundle is a directory::
     model.onnx.data     the weights as ONNX external data, for models past protobuf's 2 GB
     model.int8.onnx     optional int8 variant for CPU (per-token, batch-invariant)
     model.fp16.onnx     optional fp16 variant for GPU (``model.fp16.onnx.data`` when large)
+    model.packed.onnx   decoders: the packed graph (items sharing a prompt in one row,
+                        rmserve.packing), reading its weights from ``model.onnx.data``;
+                        ``model.fp16.packed.onnx`` likewise for fp16
     tokenizer.json      fast tokenizer for the ``tokenizers`` library
     rmserve.json        this manifest
 
@@ -16,7 +19,10 @@ them all before the service opens its port. Format version 2 added the text form
 :mod:`rmserve.formatting` (chat templates, text pairs), the heads (``labels``,
 ``reward_head``) and ``files``; version 1 bundles are still read. The optional ``ensemble``
 section (issue 13) needs no new version: a bundle without it is not an ensemble, and a reader
-that predates it would serve the K columns as K heads, which they are.
+that predates it would serve the K columns as K heads, which they are. Nor does the optional
+``packed`` section (issue 16): a decoder bundle may carry, per variant, a second graph that
+scores items sharing a prompt in one row (:mod:`rmserve.packing`), ``model.packed.onnx``; a
+reader that predates it serves the plain graph, which gives the same scores.
 
 An ensemble bundle is one graph whose ``reward`` is [batch, K], column k = member k, labels
 ``member_0`` .. ``member_{K-1}``. Its ``normalization`` is measured on the members' mean reward
@@ -43,6 +49,7 @@ from rmserve.formatting import AnyTextFormat, FormattingError, text_format_from_
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "PACKED_FILES",
     "TOKENIZER_NAME",
     "VARIANT_FILES",
     "Architecture",
@@ -51,6 +58,7 @@ __all__ = [
     "Evaluation",
     "Manifest",
     "Normalization",
+    "Packed",
     "Variant",
     "ensemble_labels",
     "load_bundle",
@@ -61,6 +69,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "rmserve.json"
 TOKENIZER_NAME = "tokenizer.json"
+# The packed graphs of decoder bundles (shared-prompt reuse), per precision; int8 has none.
+PACKED_FILES: dict[str, str] = {"fp32": "model.packed.onnx", "fp16": "model.fp16.packed.onnx"}
 VARIANT_FILES: dict[str, str] = {
     "fp32": "model.onnx",
     "int8": "model.int8.onnx",
@@ -125,6 +135,23 @@ class Ensemble:
     disagreement: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Packed:
+    """The packed graphs of a decoder bundle (:mod:`rmserve.packing`): items that share a
+    prompt scored in one row, the prompt computed once."""
+
+    files: dict[str, str]  # precision -> file name, e.g. {"fp32": "model.packed.onnx"}
+    # The reward is read at an item's last token that is not this one (the model config's
+    # pad_token_id, transformers' rule); None: at its last token.
+    skip_token_id: int | None
+    # Measured max |torch whole-item - onnxruntime packed| per precision, on rows where
+    # items really share prompts.
+    max_abs_diff: dict[str, float]
+    # The per-token work of the model in units of one attention pair (about 6 x hidden
+    # size): rmserve.packing shares a prompt only where that costs less than scoring whole.
+    token_cost: float = 0.0
+
+
 def ensemble_labels(members: int) -> tuple[str, ...]:
     """The labels of an ensemble's K outputs: ``member_0`` .. ``member_{K-1}``."""
     return tuple(f"member_{k}" for k in range(members))
@@ -155,6 +182,8 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     # Set when the K outputs are the members of one ensemble rather than K objectives.
     ensemble: Ensemble | None = None
+    # Set for a decoder bundle exported with packed graphs (shared-prompt reuse).
+    packed: Packed | None = None
 
     @property
     def num_heads(self) -> int:
@@ -326,6 +355,9 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     ensemble = None
     if data.get("ensemble") is not None:
         ensemble = _parse_ensemble(section("ensemble"), labels, fail)
+    packed = None
+    if data.get("packed") is not None:
+        packed = _parse_packed(section("packed"), files, kind, fail)
 
     raw_variants = section("variants")
     if not raw_variants:
@@ -368,12 +400,47 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         labels=tuple(labels),
         reward_head=reward_head,
         files=dict(files),
+        packed=packed,
         ensemble=ensemble,
     )
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_packed(
+    raw: Mapping[str, Any],
+    files: Mapping[str, str],
+    kind: str,
+    fail: Callable[[str], BundleError],
+) -> Packed:
+    """The ``packed`` section: decoders only, each file hashed in ``files``."""
+    if kind != "decoder":
+        raise fail("packed graphs are for decoders (the reward at the last token) only")
+    graphs = raw.get("files")
+    if not isinstance(graphs, Mapping) or not graphs:
+        raise fail("packed.files must map precisions to file names")
+    for precision, name in graphs.items():
+        if precision not in VARIANT_FILES or not isinstance(name, str):
+            raise fail(f"packed.files.{precision} must name a file of a known precision")
+        if name not in files:
+            raise fail(f"packed.files.{precision} ({name}) is not listed in files with its sha256")
+    skip = raw.get("skip_token_id")
+    if skip is not None and (isinstance(skip, bool) or not isinstance(skip, int)):
+        raise fail(f"packed.skip_token_id must be a token id or null, got {skip!r}")
+    diffs = raw.get("max_abs_diff", {})
+    if not isinstance(diffs, Mapping) or not all(_is_number(v) for v in diffs.values()):
+        raise fail("packed.max_abs_diff must map precisions to numbers")
+    token_cost = raw.get("token_cost", 0.0)
+    if not _is_number(token_cost) or token_cost < 0:
+        raise fail(f"packed.token_cost must be a number >= 0, got {token_cost!r}")
+    return Packed(
+        files=dict(graphs),
+        skip_token_id=skip,
+        max_abs_diff={k: float(v) for k, v in diffs.items()},
+        token_cost=float(token_cost),
+    )
 
 
 def _parse_ensemble(

@@ -86,8 +86,11 @@ def create_app(
         )
         # A model the caller loaded was not checked against the settings: check it here.
         max_batch_tokens = settings.batch_token_budget(loaded.max_length)
+        instances = range(runtime.instances)
+        packed = [functools.partial(runtime.run_sequences, instance=k) for k in instances]
         batcher = Batcher(
-            [functools.partial(runtime.run, instance=k) for k in range(runtime.instances)],
+            [functools.partial(runtime.run, instance=k) for k in instances],
+            packed=packed if runtime.packed else None,
             pad_token_id=loaded.manifest.pad_token_id,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
@@ -115,6 +118,7 @@ def create_app(
                 "provider": info.provider,
                 "instances": info.instances,
                 "intra_op_threads": info.intra_op_threads,
+                "prefix_reuse": info.prefix_reuse,
                 "max_batch_size": max_batch_size,
                 "max_batch_tokens": max_batch_tokens,
                 "max_length": loaded.max_length,

@@ -21,7 +21,12 @@ running batch (at most one per instance), so that the instance starts it as soon
 instead of waiting for the event loop to notice and dispatch (about 3% of the model's time
 under load, measured on 2 cores). The same rules pick the batch either way.
 Batches are right-padded with ``pad_token_id`` to their own longest item, with an attention
-mask, so an item's score does not depend on its neighbours.
+mask, so an item's score does not depend on its neighbours. With packed inference functions
+(a decoder bundle's packed graph, :mod:`rmserve.packing`) the functions lay the batch out
+themselves: items of the batch that share a prompt (one request's group, or concurrent
+requests whose rendered prompts are identical) share a row and the prompt is computed once.
+Each batch is packed on its own: a group split over several batches computes its prompt once
+per batch.
 
 A model may have several heads (outputs per item, ``num_heads``): every item gets its row of
 ``num_heads`` values. The model's answer must have one row per item of the batch; any other
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from rmserve.packing import PackedBatch
 from rmserve.service.runtime import head_rows
 
 __all__ = [
@@ -63,6 +69,8 @@ IdArray = npt.NDArray[np.int64]
 ScoreRows = npt.NDArray[np.float32]  # (B, K): one row of K head values per item
 # (B, T) ids and mask -> (B, K), or (B,) for a model of one head.
 InferenceFn = Callable[[IdArray, IdArray], npt.NDArray[np.float32]]
+# Sequences -> (B, K) and the packed batch that ran (ModelRuntime.run_sequences).
+PackedInferenceFn = Callable[[list[IdArray]], tuple[ScoreRows, PackedBatch]]
 
 # A running batch and one queued behind it: the instance never waits for the event loop.
 _MAX_BATCHES_PER_INSTANCE = 2
@@ -96,6 +104,7 @@ class BatchStats:
     real_tokens: int  # sum of item lengths
     inference_s: float  # model time, packing included
     started: float = 0.0  # time.perf_counter() when the worker thread took the batch
+    shared_tokens: int = 0  # prompt tokens shared by items of a row, computed once
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class Batcher:
         self,
         infer: InferenceFn | Sequence[InferenceFn],
         *,
+        packed: Sequence[PackedInferenceFn] | None = None,
         pad_token_id: int,
         max_batch_size: int,
         max_batch_tokens: int,
@@ -164,6 +174,10 @@ class Batcher:
         self._infers = [infer] if callable(infer) else list(infer)
         if not self._infers:
             raise ValueError("a batcher needs at least one inference function")
+        # Packed functions, one per instance, used instead of ``infer`` when given.
+        self._packed = list(packed) if packed is not None else None
+        if self._packed is not None and len(self._packed) != len(self._infers):
+            raise ValueError("give one packed inference function per instance")
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -381,7 +395,7 @@ class Batcher:
             scores, stats = await loop.run_in_executor(
                 self._executors[instance],
                 self._pack_and_infer,
-                self._infers[instance],
+                instance,
                 [item.ids for item in batch],
             )
         except Exception as e:
@@ -412,26 +426,41 @@ class Batcher:
             self._on_batch(stats)
 
     def _pack_and_infer(
-        self, infer: InferenceFn, sequences: list[IdArray]
+        self, instance: int, sequences: list[IdArray]
     ) -> tuple[ScoreRows, BatchStats]:
-        """Right-pad to the batch's own longest item and run the model (worker thread);
-        (B, K) scores, or ModelOutputError when the model's answer has another shape."""
+        """Run the batch on ``instance`` (worker thread): packed when the batcher has packed
+        functions, else right-padded to the batch's own longest item; (B, K) scores, or
+        ModelOutputError when the model's answer has another shape."""
         started = time.perf_counter()
-        lengths = np.fromiter((s.shape[0] for s in sequences), dtype=np.int64, count=len(sequences))
-        batch, longest = len(sequences), int(lengths.max())
-        input_ids = np.full((batch, longest), self.pad_token_id, dtype=np.int64)  # (B, T)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : ids.shape[0]] = ids
-        attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
-        scores = head_rows(infer(input_ids, attention_mask), batch, self.num_heads)  # (B, K)
+        real = sum(int(s.shape[0]) for s in sequences)
+        if self._packed is not None:
+            scores, packed = self._packed[instance](sequences)
+            padded, shared = packed.padded_tokens, packed.shared_tokens
+            scores = head_rows(scores, len(sequences), self.num_heads)
+        else:
+            input_ids, attention_mask = self._padded(sequences)
+            padded, shared = int(input_ids.size), 0
+            out = self._infers[instance](input_ids, attention_mask)
+            scores = head_rows(out, len(sequences), self.num_heads)  # (B, K)
         stats = BatchStats(
-            size=batch,
-            padded_tokens=batch * longest,
-            real_tokens=int(lengths.sum()),
+            size=len(sequences),
+            padded_tokens=padded,
+            real_tokens=real,
             inference_s=time.perf_counter() - started,
             started=started,
+            shared_tokens=shared,
         )
         return scores, stats
+
+    def _padded(self, sequences: list[IdArray]) -> tuple[IdArray, IdArray]:
+        """(B, T) ids right-padded with ``pad_token_id`` to the longest item, and the mask."""
+        lengths = np.fromiter((s.shape[0] for s in sequences), dtype=np.int64, count=len(sequences))
+        longest = int(lengths.max())
+        input_ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : ids.shape[0]] = ids
+        attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
+        return input_ids, attention_mask
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:

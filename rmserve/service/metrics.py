@@ -60,6 +60,12 @@ class ServiceMetrics:
         )
         self.items = Counter("rmserve_items", "Items scored", registry=r)
         self.tokens = Counter("rmserve_tokens", "Real (unpadded) tokens scored", registry=r)
+        self.shared_tokens = Counter(
+            "rmserve_shared_prefix_tokens",
+            "Tokens of rmserve_tokens not computed: prompts shared by several items of a "
+            "batch, computed once (prefix reuse)",
+            registry=r,
+        )
         self.truncated_items = Counter(
             "rmserve_truncated_items",
             "Items cut to fit max_length (prompt tokens, or a response's end where allowed)",
@@ -90,7 +96,7 @@ class ServiceMetrics:
         )
         self.padding_ratio = Histogram(
             "rmserve_padding_ratio",
-            "Padded tokens / real tokens per model batch",
+            "Padded tokens / computed tokens per model batch (a shared prompt counts once)",
             buckets=_PADDING_BUCKETS,
             registry=r,
         )
@@ -110,10 +116,12 @@ class ServiceMetrics:
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.batch_tokens.observe(stats.padded_tokens)
-        self.padding_ratio.observe(stats.padded_tokens / max(1, stats.real_tokens))
+        computed = stats.real_tokens - stats.shared_tokens  # a shared prompt counts once
+        self.padding_ratio.observe(stats.padded_tokens / max(1, computed))
         self.inference_duration.observe(stats.inference_s)
         self.items.inc(stats.size)
         self.tokens.inc(stats.real_tokens)
+        self.shared_tokens.inc(stats.shared_tokens)
 
     def observe_std(self, std: npt.NDArray[np.float64]) -> None:
         """One observation per scored item: the mean is rmserve_member_std_sum / _count."""

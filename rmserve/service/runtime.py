@@ -4,8 +4,9 @@ Choice of execution provider and precision (logged and exposed in ``rmserve_mode
 
 - provider ``auto``: CUDA when onnxruntime offers ``CUDAExecutionProvider``, else CPU;
 - precision ``auto``: the bundle's fp16 variant on CUDA when it has one, else fp32;
-  ``int8`` (dynamic quantization) runs on CPU only, ``fp16`` on CUDA only, because the other
-  provider would fall back to slow or unsupported kernels.
+  ``int8`` (per-token quantization, :mod:`rmserve.training.quantize`) runs on CPU only,
+  ``fp16`` on CUDA only, because the other provider would fall back to slow or unsupported
+  kernels.
 
 The runtime holds one or more *instances*: ORT sessions of the same model, each with its own
 intra-op thread pool, so that several batches run at once (the batcher gives each instance
@@ -15,6 +16,13 @@ waiting for one another, and a thread the event loop or the tokenizer interrupts
 all. Measured on 2 cores (docs/performance.md): at batches of up to 8, two 1-thread sessions
 scored 4-32% more pairs per second than one 2-thread session. ORT releases the GIL while it
 runs.
+
+A decoder bundle may carry a *packed* graph per precision (the manifest's ``packed``): items
+that share a prompt are scored in one row, the prompt computed once (:mod:`rmserve.packing`).
+With ``prefix_reuse`` (the default) the runtime loads that graph instead of the plain one and
+scores every batch through it, lone items as rows of their own (measured: as fast as the
+plain graph for them); without it, or for a variant that has none (int8), the plain graph.
+Only one of the two is ever loaded.
 
 The model's output ``reward`` is [batch] for one head and [batch, K] for a model of K heads
 (the manifest's ``labels``). ``run`` always answers (B, K), K = 1 included, and checks the
@@ -36,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rmserve.manifest import BundleError, Manifest
+from rmserve.packing import PACKED_INPUTS, PackedBatch, ShareMode, pack
 
 __all__ = [
     "AUTO_BATCH_SIZE",
@@ -84,17 +93,21 @@ def head_rows(output: Any, batch: int, num_heads: int) -> npt.NDArray[np.float32
     return rows
 
 
-def check_output_shape(shape: Sequence[Any], manifest: Manifest, path: Path) -> None:
+def check_output_shape(
+    shape: Sequence[Any], manifest: Manifest, path: Path, *, packed: bool = False
+) -> None:
     """Refuse at load time a model whose declared output cannot be the manifest's heads:
-    [batch] or [batch, 1] for one head, [batch, K] for K. Symbolic dims pass (checked per
-    batch by :func:`head_rows`)."""
+    [batch] or [batch, 1] for one head, [batch, K] for K (a packed graph: [rows, items] or
+    [rows, items, K]). Symbolic dims pass (checked per batch by :func:`head_rows`)."""
     k = manifest.num_heads
-    last = shape[-1] if len(shape) == 2 else None
-    fits = (len(shape) == 1 and k == 1) or (
-        len(shape) == 2 and (not isinstance(last, int) or last == k)
+    lead = 2 if packed else 1  # the axes before the heads' axis
+    last = shape[-1] if len(shape) == lead + 1 else None
+    fits = (len(shape) == lead and k == 1) or (
+        len(shape) == lead + 1 and (not isinstance(last, int) or last == k)
     )
     if not fits:
-        expected = "[batch]" if k == 1 else f"[batch, {k}]"
+        axes = "[rows, items" if packed else "[batch"
+        expected = f"{axes}]" if k == 1 else f"{axes}, {k}]"
         raise BundleError(
             f"{path} outputs a tensor of shape {list(shape)}, but {manifest.model_name}'s "
             f"rmserve.json lists {k} label(s) {list(manifest.labels)}, which needs {expected}; "
@@ -136,7 +149,7 @@ def choose_precision(requested: str, provider: str, manifest: Manifest) -> str:
         )
     if requested == "int8" and provider != "cpu":
         raise RuntimeConfigError(
-            "the int8 variant (dynamic quantization) runs on CPU only; use --provider cpu "
+            "the int8 variant (per-token int8 kernels) runs on CPU only; use --provider cpu "
             "or --precision fp16/fp32 on CUDA"
         )
     if requested == "fp16" and provider != "cuda":
@@ -191,6 +204,7 @@ class RuntimeInfo:
     file: str
     instances: int
     intra_op_threads: int  # per instance; 0 = ORT's default (CUDA)
+    prefix_reuse: bool = False  # the packed graph is loaded: shared prompts computed once
 
 
 class ModelRuntime:
@@ -205,9 +219,11 @@ class ModelRuntime:
         provider: str = "auto",
         intra_op_threads: int = 0,
         instances: int = 0,
+        prefix_reuse: bool = True,
     ):
         """``instances`` and ``intra_op_threads`` (per instance): 0 = auto, as
-        :func:`choose_instances` decides for the provider and this process's cores."""
+        :func:`choose_instances` decides for the provider and this process's cores;
+        ``prefix_reuse``: load the variant's packed graph when the bundle has one."""
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -217,7 +233,11 @@ class ModelRuntime:
             instances, intra_op_threads, self.provider, usable_cores()
         )
         variant = manifest.variants[self.precision]
-        self.path = Path(bundle_dir) / variant.file
+        packed_files = manifest.packed.files if manifest.packed and prefix_reuse else {}
+        self.packed = self.precision in packed_files
+        self.skip_token_id = manifest.packed.skip_token_id if manifest.packed else None
+        self.token_cost = manifest.packed.token_cost if manifest.packed else 0.0
+        self.path = Path(bundle_dir) / packed_files.get(self.precision, variant.file)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -246,23 +266,25 @@ class ModelRuntime:
                 "CUDA/cuDNN libraries, or use --provider cpu"
             )
         names = [i.name for i in first.get_inputs()]
-        if sorted(names) != sorted(INPUT_NAMES):
+        expected = PACKED_INPUTS if self.packed else INPUT_NAMES
+        if sorted(names) != sorted(expected):
             raise BundleError(
-                f"{self.path} has inputs {names}; a bundle model takes exactly "
-                f"{list(INPUT_NAMES)}; export the bundle again"
+                f"{self.path} has inputs {names}; this graph must take exactly "
+                f"{list(expected)}; export the bundle again"
             )
         outputs = {o.name: o for o in first.get_outputs()}
         output = outputs.get(OUTPUT_NAME, first.get_outputs()[0])
-        check_output_shape(list(output.shape), manifest, self.path)
+        check_output_shape(list(output.shape), manifest, self.path, packed=self.packed)
         self.output_name = output.name
         self.num_heads = manifest.num_heads
         self.info = RuntimeInfo(
             model=manifest.model_name,
             precision=self.precision,
             provider=self.provider,
-            file=variant.file,
+            file=self.path.name,
             instances=instances,
             intra_op_threads=intra_op_threads,
+            prefix_reuse=self.packed,
         )
         logger.info(
             "model loaded",
@@ -274,6 +296,7 @@ class ModelRuntime:
                 "ort_providers": active,
                 "instances": instances,
                 "intra_op_threads": intra_op_threads,
+                "prefix_reuse": self.packed,
             },
         )
 
@@ -289,11 +312,40 @@ class ModelRuntime:
     ) -> npt.NDArray[np.float32]:
         """Rewards for one right-padded batch: (B, T) int64 ids and mask -> (B, K) float32
         (K = the manifest's heads, 1 included), computed by session ``instance``; raises
-        ModelOutputError when the model's output is not (B, K)."""
+        ModelOutputError when the model's output is not (B, K). A packed runtime scores the
+        rows whole, each as a row of its own."""
+        if self.packed:
+            lengths = attention_mask.sum(axis=1)
+            rows = [input_ids[r, : int(n)] for r, n in enumerate(lengths)]
+            scores, _ = self.run_sequences(rows, instance, share="never")
+            return scores
         (out,) = self.sessions[instance].run(
             [self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         return head_rows(out, int(input_ids.shape[0]), self.num_heads)
+
+    def run_sequences(
+        self,
+        sequences: list[npt.NDArray[np.int64]],
+        instance: int = 0,
+        *,
+        share: ShareMode = "auto",
+    ) -> tuple[npt.NDArray[np.float32], PackedBatch]:
+        """Rewards (n, K) of token sequences through the packed graph, items that share a
+        prompt in one row (:func:`rmserve.packing.pack`), and the batch as it ran; raises
+        ModelOutputError when the output does not fit the rows."""
+        batch = pack(
+            sequences,
+            self.manifest.pad_token_id,
+            skip_token_id=self.skip_token_id,
+            share=share,
+            token_cost=self.token_cost,
+        )
+        (out,) = self.sessions[instance].run([self.output_name], batch.feeds())
+        try:
+            return batch.item_rows(out, self.num_heads), batch
+        except ValueError as e:
+            raise ModelOutputError(f"{e}; export the bundle again") from e
 
     def warm_up(self, max_batch_size: int, max_length: int | None = None) -> float:
         """Run a few shapes on every instance so the first real requests do not pay for

@@ -83,6 +83,7 @@ def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> L
         provider=settings.provider,
         intra_op_threads=settings.intra_op_threads,
         instances=settings.model_instances,
+        prefix_reuse=settings.prefix_reuse,
     )
     tokenizer = RequestTokenizer(
         settings.bundle,

@@ -160,6 +160,13 @@ class ServiceSettings(BaseSettings):
         default=True,
         description="Run a few batches at start-up before /readyz turns 200.",
     )
+    prefix_reuse: bool = Field(
+        default=True,
+        description="Decoder bundles with a packed graph: items of a batch that share a "
+        "prompt (a GRPO group, one /v1/rank) are scored in one row, the prompt computed once; "
+        "the scores equal whole-item scoring to float rounding. false: every item whole, with "
+        "the plain graph (for comparison and debugging).",
+    )
     # One thread by default: encode_batch already spreads a batch over the cores in Rust, and
     # on a small machine a second Python thread only competes with the model (benchmarks).
     tokenizer_threads: int = Field(

@@ -166,6 +166,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     export.add_argument(
+        "--no-packed",
+        dest="packed",
+        action="store_false",
+        help="decoders: leave out model.packed.onnx, the graph that scores responses sharing "
+        "a prompt with the prompt computed once (the service then scores every item whole)",
+    )
+    export.add_argument(
         "--text-format",
         choices=["auto", "chat_template", "text_pair", "transcript"],
         default="auto",
@@ -479,6 +486,7 @@ def run_export(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             exporter=args.exporter,
             opset=args.opset,
+            packed=args.packed,
             min_agreement=args.min_agreement,
             max_accuracy_drop=args.max_accuracy_drop,
             progress=progress,

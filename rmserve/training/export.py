@@ -54,6 +54,7 @@ from rmserve.formatting import (
 )
 from rmserve.manifest import (
     FORMAT_VERSION,
+    PACKED_FILES,
     TOKENIZER_NAME,
     VARIANT_FILES,
     Architecture,
@@ -61,6 +62,7 @@ from rmserve.manifest import (
     Evaluation,
     Manifest,
     Normalization,
+    Packed,
     Pooling,
     Precision,
     Variant,
@@ -78,7 +80,16 @@ from rmserve.training.modeling import (
     default_max_length,
     load_tokenizer,
 )
-from rmserve.training.onnx_files import gather_external_data, save_model
+from rmserve.training.onnx_files import gather_external_data, save_model, share_weights
+from rmserve.training.packed import (
+    PACKED_INPUTS,
+    PackedRewardModel,
+    PackedStack,
+    packed_parity,
+    token_cost,
+    trace_inputs,
+    unpackable,
+)
 from rmserve.training.pairs import (
     EncodedExamples,
     PairScores,
@@ -86,7 +97,7 @@ from rmserve.training.pairs import (
     pair_metrics,
     score_pairs,
 )
-from rmserve.training.quantize import quantize_int8
+from rmserve.training.quantize import QuantizationError, quantize_int8
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
 from rmserve.training.text_path import (
     TextFormatChoice,
@@ -109,20 +120,54 @@ class ExportError(RuntimeError):
     """The export failed a check; the message carries the measured numbers."""
 
 
+@dataclass(frozen=True)
+class GraphSignature:
+    """A graph's input names, placeholder inputs for tracing and dynamic axes (by name, for
+    the inputs and the ``reward`` output)."""
+
+    inputs: tuple[str, ...]
+    example: tuple[torch.Tensor, ...]
+    axes: dict[str, dict[int, str]]
+
+
+def plain_signature(trace_length: int = 8) -> GraphSignature:
+    """(input_ids, attention_mask) [batch, sequence] -> reward [batch] or [batch, K]."""
+    ids = torch.full((2, trace_length), 1, dtype=torch.int64)  # (B, T) placeholder ids
+    axes = {0: "batch", 1: "sequence"}
+    return GraphSignature(
+        inputs=("input_ids", "attention_mask"),
+        example=(ids, torch.ones_like(ids)),
+        axes={"input_ids": axes, "attention_mask": axes, "reward": {0: "batch"}},
+    )
+
+
+def packed_signature(pad_token_id: int) -> GraphSignature:
+    """The packed graph of :mod:`rmserve.packing`: rows of items sharing prompts."""
+    axes = {0: "rows", 1: "sequence"}
+    items = {0: "rows", 1: "items"}
+    return GraphSignature(
+        inputs=PACKED_INPUTS,
+        example=trace_inputs(pad_token_id),
+        axes={**dict.fromkeys(PACKED_INPUTS[:3], axes), "reward_positions": items, "reward": items},
+    )
+
+
 def export_onnx(
     wrapper: torch.nn.Module,
     path: Path,
     *,
     exporter: Exporter = "torchscript",
     opset: int = 17,
-    trace_length: int = 8,
+    signature: GraphSignature | None = None,
 ) -> dict[str, int]:
-    """Write the wrapper as an ONNX file with dynamic batch and sequence axes: self-contained,
-    or for a model past protobuf's 2 GB, with its weights in one ``<path>.data`` beside it.
-    Returns the fusions applied (``exporter="fused"``; empty otherwise)."""
+    """Write the wrapper as an ONNX file with dynamic axes (``signature``: the plain graph's
+    by default): self-contained, or for a model past protobuf's 2 GB, with its weights in one
+    ``<path>.data`` beside it. Returns the fusions applied (``exporter="fused"``; empty
+    otherwise)."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as tmp:
         traced = Path(tmp) / "model.onnx"
-        _trace(wrapper, traced, "dynamo" if exporter == "fused" else exporter, opset, trace_length)
+        tracer = "dynamo" if exporter == "fused" else exporter
+        _trace(wrapper, traced, tracer, opset, signature or plain_signature())
         fusions: dict[str, int] = {}
         if exporter == "fused":
             fused = Path(tmp) / "fused" / "model.onnx"
@@ -138,38 +183,33 @@ def _trace(
     path: Path,
     exporter: Exporter,
     opset: int,
-    trace_length: int,
+    signature: GraphSignature,
 ) -> None:
     wrapper.eval()  # the legacy exporter traces whatever mode the module is in
-    ids = torch.full((2, trace_length), 1, dtype=torch.int64)  # (B, T) placeholder ids
-    mask = torch.ones_like(ids)
-    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["reward"]}
+    names = {"input_names": list(signature.inputs), "output_names": ["reward"]}
     with warnings.catch_warnings():
         # Tracer warnings about python-level shape checks inside transformers are expected:
         # the fp32 parity check below is what proves the graph right at other shapes.
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {0: "batch", 1: "sequence"}
             torch.onnx.export(
                 wrapper,
-                (ids, mask),
+                signature.example,
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                dynamic_axes={"input_ids": axes, "attention_mask": axes, "reward": {0: "batch"}},
+                dynamic_axes=signature.axes,
                 do_constant_folding=True,
                 **names,  # type: ignore[arg-type]
             )
         else:
-            shapes = {"input_ids": {0: "batch", 1: "sequence"}}
-            shapes["attention_mask"] = shapes["input_ids"]
             torch.onnx.export(
                 wrapper,
-                (ids, mask),
+                signature.example,
                 str(path),
                 dynamo=True,
                 opset_version=max(opset, 18),
-                dynamic_shapes=shapes,
+                dynamic_shapes={name: signature.axes[name] for name in signature.inputs},
                 external_data=True,
                 **names,  # type: ignore[arg-type]
             )
@@ -326,6 +366,7 @@ class _Plan:
     exporter: Exporter
     opset: int
     batch_size: int
+    packed: bool  # also write the packed graph(s), where the model allows it
 
 
 @dataclass(frozen=True)
@@ -364,6 +405,7 @@ def export_bundle(
     min_agreement: float = 0.99,
     max_accuracy_drop: float = 0.01,
     batch_size: int = 32,
+    packed: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` (a folder or a hub id) to a bundle in ``out_dir``.
@@ -374,8 +416,10 @@ def export_bundle(
     used, else what the model supports; the text format to what training used, else the
     model's chat template (:func:`choose_text_format`). ``dtype="fp16"`` loads the weights in
     half precision (never a full fp32 copy) and writes a bundle of one fp16 variant, for
-    CUDA. Raises :class:`ExportError` with the numbers when a check fails, and then leaves
-    ``out_dir`` as it was.
+    CUDA. ``packed``: a decoder also gets its packed graph (shared-prompt reuse,
+    :mod:`rmserve.packing`), checked against torch item by item. Raises
+    :class:`ExportError` with the numbers when a check fails, and then leaves ``out_dir`` as
+    it was.
     """
     started = time.perf_counter()
 
@@ -405,6 +449,7 @@ def export_bundle(
         exporter=exporter,
         opset=opset,
         batch_size=batch_size,
+        packed=packed,
     )
     tolerance = fp32_tolerance if dtype == "fp32" else max(fp32_tolerance, FP16_TOLERANCE)
     checks = _Checks(tolerance, min_agreement, max_accuracy_drop)
@@ -446,6 +491,7 @@ def _plan(
     exporter: Exporter,
     opset: int,
     batch_size: int,
+    packed: bool,
 ) -> _Plan:
     """Load the checkpoint and decide the text path, the length and the heads."""
     info = TrainingInfo.read(source) if Path(source).is_dir() else None
@@ -530,6 +576,7 @@ def _plan(
         exporter=exporter,
         opset=opset,
         batch_size=batch_size,
+        packed=packed,
     )
 
 
@@ -599,13 +646,17 @@ def _write_bundle(
             parity[precision] = _variant(
                 staging, graph, precision, encoded, reference, plan, checks
             )
+    packed = None
+    if plan.packed:
+        shared_rows = [*rows, *_pair_rows(encoded)] if encoded is not None else rows
+        packed = _packed_graphs(staging, plan, wrapper, shared_rows, checks.tolerance, step)
     if normalization is None:
         normalization = Normalization(
             mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
         )
     step("hashing every file of the bundle")
     ensemble = _ensemble(plan.ensemble, per_output, members)
-    manifest = _manifest(staging, plan, parity, evaluation, normalization, ensemble)
+    manifest = _manifest(staging, plan, parity, evaluation, normalization, ensemble, packed)
     manifest.write(staging)
     return manifest
 
@@ -642,6 +693,85 @@ class _StackedLogits(torch.nn.Module):
         return SimpleNamespace(logits=torch.cat([m(**inputs).logits for m in self.models], -1))
 
 
+# Eval pairs whose two responses (one prompt) join the packed graph's check.
+PACKED_CHECK_PAIRS = 16
+
+
+def _pair_rows(encoded: EncodedExamples) -> list[list[int]]:
+    """Both responses of the first eval pairs: rows that really share their prompt."""
+    first = slice(PACKED_CHECK_PAIRS)
+    pairs = zip(encoded.winners[first], encoded.losers[first], strict=True)
+    return [encoded.ids[i] for pair in pairs for i in pair]
+
+
+def _packed_graphs(
+    staging: Path,
+    plan: _Plan,
+    wrapper: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    tolerance: float,
+    step: Callable[[str], None],
+) -> Packed | None:
+    """The packed graph of the exported precision (and of fp16 when asked), each checked
+    item by item against whole-item scoring: torch for the exported precision, the fp16
+    plain graph for fp16. None when the model cannot be packed exactly (said in a step)."""
+    why = unpackable(plan.model, plan.pooling, plan.max_length)
+    if why is not None:
+        step(f"no packed graph: {why}")
+        return None
+    import onnxruntime as ort
+
+    module = PackedStack(plan.members) if plan.members else PackedRewardModel(plan.model)
+    base = staging / PACKED_FILES[plan.dtype]
+    step(f"packed graph (items sharing a prompt in one row): tracing {base.name}")
+    export_onnx(
+        module.eval(),
+        base,
+        exporter=plan.exporter,
+        opset=plan.opset,
+        signature=packed_signature(plan.pad_token_id),
+    )
+    shared = share_weights(staging / VARIANT_FILES[plan.dtype], base)
+    step(f"packed graph reads {shared / 1e6:.1f} MB of weights from the plain graph's data file")
+    skip = plan.model.config.pad_token_id
+    input_ids, mask = pad_batch(rows, plan.pad_token_id)
+    with torch.no_grad():
+        whole = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+    files: dict[str, str] = {}
+    diffs: dict[str, float] = {}
+    precisions = [plan.dtype, *(["fp16"] if "fp16" in plan.extra_variants else [])]
+    for precision in precisions:
+        path = staging / PACKED_FILES[precision]
+        bound = tolerance
+        if precision != plan.dtype:  # fp16 from the fp32 packed graph, against fp16 plain
+            _convert_fp16(base, path)
+            plain = staging / VARIANT_FILES[precision]
+            share_weights(plain, path)
+            whole = _graph_scorer(plain, precision)(input_ids, mask)
+            bound = max(tolerance, FP16_TOLERANCE)
+        session = ort.InferenceSession(str(path), providers=_providers_for(precision))
+        diff = packed_parity(
+            whole,
+            lambda feeds, s=session: s.run(None, feeds)[0],
+            rows,
+            plan.pad_token_id,
+            skip,
+            len(plan.labels),
+        )
+        if not diff <= bound:
+            raise ExportError(
+                f"{precision} packed graph parity failed: max |whole item - packed| = "
+                f"{diff:.3g} > {bound:.1g} over {len(rows)} items sharing prompts; export "
+                "with --no-packed to serve without shared-prompt reuse"
+            )
+        step(f"{precision} packed graph: max |whole item - packed| = {diff:.2g}")
+        files[precision] = path.name
+        diffs[precision] = diff
+    return Packed(
+        files=files, skip_token_id=skip, max_abs_diff=diffs, token_cost=token_cost(plan.model)
+    )
+
+
 def _graph_scorer(path: Path, precision: str) -> BatchScorer:
     if precision == "fp32":
         return onnx_scorer(str(path))
@@ -662,7 +792,10 @@ def _variant(
     if precision == "int8":
         # Per-token int8 (batch-invariant); the eval texts only choose which few input
         # channels stay in fp32 (rmserve.training.quantize), no scale is fitted to them.
-        quantize_int8(graph, path, encoded.ids[:CALIBRATION_TEXTS], plan.pad_token_id)
+        try:
+            quantize_int8(graph, path, encoded.ids[:CALIBRATION_TEXTS], plan.pad_token_id)
+        except QuantizationError as e:
+            raise ExportError(str(e)) from e
     else:
         _convert_fp16(graph, path)
     scorer = _graph_scorer(path, precision)
@@ -720,6 +853,7 @@ def _manifest(
     evaluation: Evaluation | None,
     normalization: Normalization,
     ensemble: Ensemble | None = None,
+    packed: Packed | None = None,
 ) -> Manifest:
     variants = {
         precision: Variant(
@@ -758,6 +892,7 @@ def _manifest(
             if p.is_file() and p.name not in named
         },
         ensemble=ensemble,
+        packed=packed,
     )
 
 

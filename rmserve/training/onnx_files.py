@@ -7,6 +7,11 @@ one file per tensor, named after the tensor, next to the model. A bundle instead
 one data file per model, ``<model file>.data`` (``model.onnx.data``), which
 :func:`gather_external_data` writes by streaming the exporter's files one after the other
 (no second copy of the weights in memory), and which the manifest hashes like every file.
+
+Two graphs of one model in a bundle (the plain and the packed graph of a decoder) hold the
+same weights: :func:`share_weights` moves the first one's weights to its data file, whatever
+its size, and points the second one's identical tensors (same type, shape and bytes; the
+exporters name them differently) at the same bytes, so the bundle stores them once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROTOBUF_LIMIT", "data_file", "gather_external_data", "save_model"]
+__all__ = ["PROTOBUF_LIMIT", "data_file", "gather_external_data", "save_model", "share_weights"]
 
 # Protobuf refuses messages of 2 GiB; stay clear of it (the graph itself takes some room).
 PROTOBUF_LIMIT = 2**31 - 2**26
@@ -95,3 +100,64 @@ def save_model(model: Any, dst: Path) -> None:
         location=data_file(dst).name,
         size_threshold=1024,
     )
+
+
+def _tensor_key(data_type: int, dims: Any, payload: bytes) -> tuple[int, tuple[int, ...], str]:
+    import hashlib
+
+    return data_type, tuple(int(d) for d in dims), hashlib.sha256(payload).hexdigest()
+
+
+def _externalize(path: Path, min_bytes: int) -> Any:
+    """``path`` with every tensor of ``min_bytes`` or more in :func:`data_file`; the graph
+    (without its weights' bytes) is returned."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not _external_tensors(model):
+        onnx.save_model(
+            onnx.load(str(path)),
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_file(path).name,
+            size_threshold=min_bytes,
+        )
+        model = onnx.load(str(path), load_external_data=False)
+    return model
+
+
+def share_weights(primary: Path, secondary: Path, min_bytes: int = 1024) -> int:
+    """Store ``primary``'s weights in its data file and make ``secondary``'s identical
+    initializers read them from there (both files in one folder); bytes no longer stored
+    twice. ``secondary``'s own data file, if it had one, is removed when nothing is left in
+    it; tensors without a twin stay in ``secondary``."""
+    import onnx
+
+    index: dict[tuple[int, tuple[int, ...], str], tuple[str, int, int]] = {}
+    for tensor in _external_tensors(_externalize(primary, min_bytes)):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        with open(primary.parent / info["location"], "rb") as f:
+            f.seek(offset)
+            payload = f.read(length)
+        index[_tensor_key(tensor.data_type, tensor.dims, payload)] = (
+            info["location"],
+            offset,
+            length,
+        )
+    model = onnx.load(str(secondary))  # its weights in memory
+    shared = 0
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
+            continue
+        twin = index.get(_tensor_key(tensor.data_type, tensor.dims, tensor.raw_data))
+        if twin is None:
+            continue
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        _point_to(tensor, *twin)
+        shared += twin[2]
+    data_file(secondary).unlink(missing_ok=True)
+    save_model(model, secondary)
+    return shared

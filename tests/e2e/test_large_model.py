@@ -53,10 +53,14 @@ def test_a_model_past_2gb_exports_serves_and_matches(tmp_path: Path) -> None:
     data = bundle / "model.onnx.data"
     assert data.stat().st_size > 2**31
     assert (bundle / "model.onnx").stat().st_size < 2**20  # the graph alone
-    assert sorted(manifest.files) == ["model.onnx.data"]
+    # The packed graph (shared-prompt reuse) reads the same weights: stored once.
+    assert (bundle / "model.packed.onnx").stat().st_size < 2**20
+    assert data.stat().st_size < 2.4e9  # 2.23e9 bytes of fp32 weights, not twice that
+    assert sorted(manifest.files) == ["model.onnx.data", "model.packed.onnx"]
     assert sorted(p.name for p in bundle.iterdir()) == [
         "model.onnx",
         "model.onnx.data",
+        "model.packed.onnx",
         "rmserve.json",
         "tokenizer.json",
     ]

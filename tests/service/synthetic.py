@@ -234,6 +234,7 @@ def with_heads(
         (out / name).unlink(missing_ok=True)
     onnx.save(model, str(out / "model.onnx"))
     manifest["files"] = {}
+    manifest["packed"] = None  # the packed graph (deleted with the files) keeps one head
     manifest["variants"]["fp32"]["sha256"] = sha256_file(out / "model.onnx")
     manifest["labels"] = list(labels)
     manifest["reward_head"] = reward_head

@@ -45,7 +45,7 @@ def test_bundle_contract(name: str, request: pytest.FixtureRequest) -> None:
     assert manifest.created_at.endswith("+00:00")
     for variant in manifest.variants.values():
         model = onnx.load(str(bundle / variant.file))
-        assert len(model.graph.initializer) > 0  # weights inside, no external data file
+        assert len(model.graph.initializer) > 0
         inputs = {i.name: i for i in model.graph.input}
         assert set(inputs) == {"input_ids", "attention_mask"}
         for tensor in inputs.values():
@@ -56,7 +56,28 @@ def test_bundle_contract(name: str, request: pytest.FixtureRequest) -> None:
         assert output.name == "reward"
         assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         assert [d.dim_param for d in output.type.tensor_type.shape.dim] == ["batch"]
-    assert not list(bundle.glob("*.data"))
+    if manifest.packed is None:  # an encoder: every graph self-contained
+        assert "encoder" in name
+        assert not list(bundle.glob("*.data"))
+        return
+    # A decoder: the packed graph takes rows of items sharing prompts, and reads the plain
+    # graph's weights from model.onnx.data (the bundle stores them once).
+    assert [p.name for p in bundle.glob("*.data")] == ["model.onnx.data"]
+    packed = onnx.load(str(bundle / manifest.packed.files["fp32"]), load_external_data=False)
+    dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in packed.graph.input}
+    assert dims == {
+        "input_ids": ["rows", "sequence"],
+        "position_ids": ["rows", "sequence"],
+        "segment_ids": ["rows", "sequence"],
+        "reward_positions": ["rows", "items"],
+    }
+    (output,) = packed.graph.output
+    assert [d.dim_param for d in output.type.tensor_type.shape.dim] == ["rows", "items"]
+    external = [t for t in packed.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
+        "model.onnx.data"
+    }
 
 
 @pytest.mark.parametrize("name", ["tiny_encoder", "tiny_decoder"])
