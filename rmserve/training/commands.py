@@ -126,7 +126,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "export",
         help="export a reward model (checkpoint folder or hub id) to an ONNX bundle",
         description=(
-            "Write model.onnx (+ int8/fp16 variants), tokenizer.json and rmserve.json for any "
+            "Write model.onnx (+ int8/fp16 variants; for a decoder also model.packed.onnx, "
+            "which scores responses sharing a prompt with the prompt computed once, checked "
+            "item by item, its weights in model.onnx.data beside the plain graph's), "
+            "tokenizer.json and rmserve.json for any "
             "transformers sequence-classification reward model: an rmserve checkpoint, a local "
             "folder or a hub id (Skywork/Skywork-Reward-V2-Qwen3-0.6B). The model's own chat "
             "template travels in the bundle. The bundle is written only after every check "

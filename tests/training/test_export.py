@@ -169,10 +169,15 @@ def test_fp16_variant_and_reexport(
     assert set(manifest.variants) == {"fp32", "fp16"}
     model = onnx.load(str(out / "model.fp16.onnx"))
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # fp16 gets its packed graph too, checked against the fp16 plain graph.
+    assert manifest.packed is not None
+    assert manifest.packed.files == {"fp32": "model.packed.onnx", "fp16": "model.fp16.packed.onnx"}
+    assert manifest.packed.max_abs_diff["fp16"] <= 2e-2
     # Exporting again without --fp16 leaves no stale variant file behind.
     export_bundle(tiny_decoder_checkpoint, out)
     assert set(load_bundle(out).variants) == {"fp32"}
     assert not (out / "model.fp16.onnx").exists()
+    assert not (out / "model.fp16.packed.onnx").exists()
 
 
 def test_gpt2_decoder_exports_with_parity(

@@ -168,6 +168,9 @@ def test_fp16_export_loads_half_precision_and_makes_a_cuda_bundle(tmp_path: Path
     parity = manifest.variants["fp16"].parity
     assert parity["max_abs_diff"] <= 2e-2
     assert parity["text_path_max_abs_diff"] <= 2e-2
+    assert manifest.packed is not None  # traced in fp16 too, against torch in fp16
+    assert manifest.packed.files == {"fp16": "model.fp16.packed.onnx"}
+    assert manifest.packed.max_abs_diff["fp16"] <= 2e-2
     # Scores of the fp16 graph (onnxruntime here on CPU) stay close to transformers in fp32.
     manifest_dir = tmp_path / "bundle"
     encoder = PairEncoder.from_file(
