@@ -53,7 +53,8 @@ class Item:
     tokens: int  # encoded length with special tokens, after prompt truncation
 
     def as_json(self) -> dict[str, object]:
-        """The ``{"messages": [...]}`` item form of /v1/score (DESIGN.md)."""
+        """The ``{"messages": [...]}`` item form of /v1/score (docs/architecture.md: the
+        wire API)."""
         turns = [*self.prompt, Message("assistant", self.response)]
         return {"messages": [{"role": m.role, "content": m.content} for m in turns]}
 

@@ -1,4 +1,5 @@
-"""Token ids for a rendered pair, with the truncation policy of DESIGN.md.
+"""Token ids for a rendered pair, with the truncation policy of docs/architecture.md
+(Truncation).
 
 Training and serving both encode through :class:`PairEncoder`, over the same
 ``tokenizers.Tokenizer`` (at training time, the fast tokenizer's backend; in the bundle,

@@ -445,8 +445,8 @@ def rank_from_scores(result: ScoreResult, top_k: int | None) -> RankResult:
     """Rank locally from a score call: highest first, ties by original position.
 
     Used when a rank call has more responses than one request may carry. A score does not
-    depend on what it is batched with (DESIGN.md) and the server sorts the same way (stable,
-    descending), so this equals the server's own ranking.
+    depend on what it is batched with (docs/architecture.md: serving) and the server sorts
+    the same way (stable, descending), so this equals the server's own ranking.
     """
     scores = result.scores
     refused = {e.index for e in result.errors}

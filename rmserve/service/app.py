@@ -2,8 +2,8 @@
 
 The lifespan starts loading the bundle (unless the caller preloaded it) in the background, so
 the port opens at once: ``/healthz`` answers 200 and ``/readyz`` 503 while the ONNX session is
-created and warmed up, then ``/readyz`` turns 200 (DESIGN.md). A model that fails to load
-marks the state failed and calls ``state.on_fatal`` (the server exits non-zero); readiness
+created and warmed up, then ``/readyz`` turns 200 (docs/architecture.md). A model that fails to
+load marks the state failed and calls ``state.on_fatal`` (the server exits non-zero); readiness
 never turns 200. On shutdown it turns readiness to 503, finishes queued and in-flight work (up
 to ``drain_timeout_s``) and stops the batcher.
 

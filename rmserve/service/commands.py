@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="serve a bundle over HTTP (FastAPI + ONNX Runtime, dynamic batching)",
         description=(
             "Serve a bundle's reward model over HTTP: /v1/score, /v1/rank, /v1/compare, "
-            "/get_reward (OpenRLHF), /classify (vLLM/verl), /v1/models, /healthz, /readyz, "
+            "/get_reward (OpenRLHF), /classify (vLLM/verl), /slime/reward (slime), /v1/models, "
+            "/healthz, /readyz, "
             "/metrics; OpenAPI docs at /docs. Every flag is also an environment variable "
             "RMSERVE_<NAME>; the flag wins."
         ),

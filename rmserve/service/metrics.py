@@ -1,19 +1,20 @@
 """Prometheus metrics of the service, in a registry of their own per app.
 
 A registry per app (not the process-global one) lets several apps live in one process, as
-the tests do. Names (DESIGN.md):
+the tests do. Names (docs/architecture.md: The wire API; the README's metrics table):
 
     rmserve_requests_total{route,status}        counter
     rmserve_request_duration_seconds{route}     histogram
     rmserve_items_total                         counter: items scored
     rmserve_tokens_total                        counter: real (unpadded) tokens scored
+    rmserve_shared_prefix_tokens_total          counter: of those, prompt tokens computed once
     rmserve_truncated_items_total               counter: items cut to fit max_length
     rmserve_refused_items_total{reason}         counter: items that could not be scored
     rmserve_member_std                          summary: ensemble members' std per item
     rmserve_queue_items                         gauge: items waiting for a batch
     rmserve_batch_size                          histogram: items per batch
     rmserve_batch_tokens                        histogram: padded tokens per batch
-    rmserve_padding_ratio                       histogram: padded / real tokens per batch
+    rmserve_padding_ratio                       histogram: padded / computed tokens per batch
     rmserve_inference_duration_seconds          histogram: model time per batch
     rmserve_model_info{model,precision,provider} gauge, always 1
 """

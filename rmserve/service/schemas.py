@@ -1,4 +1,4 @@
-"""Request and response models of every route (DESIGN.md's HTTP API table).
+"""Request and response models of every route (docs/architecture.md: The wire API).
 
 The ``/v1`` routes are strict (unknown fields are refused, so a typo is an error, not a
 silently ignored option). The compatibility routes ``/get_reward`` (OpenRLHF) and

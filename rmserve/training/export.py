@@ -1,4 +1,5 @@
-"""Export a checkpoint to a servable bundle (DESIGN.md), checking parity before the manifest.
+"""Export a checkpoint to a servable bundle (docs/architecture.md: The bundle contract),
+checking parity before the manifest.
 
 The bundle is written in this order: ``tokenizer.json``, ``model.onnx`` (and the requested
 ``model.int8.onnx`` / ``model.fp16.onnx``), then the parity checks, and only when they all pass,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +30,13 @@ from rmserve.training.ensemble import DIVERSITY_DESCRIPTIONS, member_seeds
 from rmserve.training.metadata import EnsembleInfo, TrainingInfo
 from rmserve.training.modeling import architecture_of, load_tokenizer
 from rmserve.training.pairs import encode_examples, pair_metrics
+from rmserve.training.results import TrainResult
 from rmserve.training.scoring import BatchScorer, score_ids, stacked_scorer, torch_scorer
 from rmserve.training.trainer import PreferenceDataset
 from rmserve.training.uncertainty import score_members
 
-if TYPE_CHECKING:  # train.py imports this module when it is asked for independent members
+if TYPE_CHECKING:
     from rmserve.training.config import RewardConfig
-    from rmserve.training.train import TrainResult
 
 __all__ = ["member_scorer", "train_independent_ensemble"]
 
@@ -61,9 +62,11 @@ def train_independent_ensemble(
     skip_malformed: bool,
     limit: int | None,
     text_format: TextFormat | None,
+    train_member: Callable[..., TrainResult],
 ) -> TrainResult:
-    """Train K members into ``out/member_k`` and describe them as one ensemble in ``out``."""
-    from rmserve.training.train import TrainResult, train_reward_model
+    """Train K members into ``out/member_k`` with ``train_member`` (the trainer of one model,
+    :func:`rmserve.training.train.train_reward_model`, passed in so that this module does not
+    import the trainer that imports it) and describe them as one ensemble in ``out``."""
 
     root = Path(out)
     members = config.ensemble
@@ -75,7 +78,7 @@ def train_independent_ensemble(
             config, ensemble=1, seed=seed, output_dir=str(root / name)
         )
         results.append(
-            train_reward_model(
+            train_member(
                 data,
                 root / name,
                 member_config,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import TextFormat
-from rmserve.manifest import Evaluation, Normalization
+from rmserve.manifest import Evaluation
 from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample, ReadResult, read_examples
 from rmserve.training.ensemble import (
@@ -37,27 +36,13 @@ from rmserve.training.modeling import (
     load_tokenizer,
     resolve_base,
 )
+from rmserve.training.results import TrainResult
 from rmserve.training.trainer import PreferenceDataset, RewardTrainer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = ["TrainResult", "resolve_max_length", "shorter_wins_accuracy", "train_reward_model"]
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    out: Path  # the checkpoint folder
-    train_loss: float  # mean training loss over the run
-    losses: list[float]  # the logged training losses, in order
-    evaluation: Evaluation | None  # on the eval data, when given
-    normalization: Normalization
-    train_examples: int
-    skipped: int  # malformed training rows skipped
-    parted: int  # training pairs whose transcripts parted before their last turn (kept)
-    max_length: int  # tokens per (prompt, response) used: the config's, or the model's limit
-    ensemble: EnsembleInfo | None = None  # set for an ensemble (evaluation: the members' mean)
-    member_accuracy: tuple[float, ...] = ()  # each member's accuracy on the eval data
 
 
 def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
@@ -159,6 +144,7 @@ def train_reward_model(
             skip_malformed=skip_malformed,
             limit=limit,
             text_format=text_format,
+            train_member=train_reward_model,
         )
     fmt = text_format or TextFormat()
     _seed_everything(config)

@@ -1,8 +1,8 @@
 """Every client method against the real rmserve service over the tiny encoder bundle.
 
 The service runs ``create_app`` under uvicorn on loopback (``service_url`` in conftest.py).
-Scores do not depend on batching (DESIGN.md), so a chunked call must equal the unchunked one
-and the sync and async clients must agree, to float32 precision.
+Scores do not depend on batching (docs/architecture.md: serving), so a chunked call must equal
+the unchunked one and the sync and async clients must agree, to float32 precision.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""PairEncoder: the truncation policy of DESIGN.md, on the real MiniLM tokenizer."""
+"""PairEncoder: the truncation policy of docs/architecture.md (Truncation), on the real
+MiniLM tokenizer."""
 
 from __future__ import annotations
 

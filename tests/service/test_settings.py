@@ -86,7 +86,8 @@ def test_unsafe_or_invalid_settings_are_refused(overrides: dict[str, object], ne
 
 
 def test_docs_table_lists_every_setting_and_metric() -> None:
-    # The README carries the settings table and the metrics list (DESIGN.md: Configuration).
+    # The README carries the settings table and the metrics list (docs/architecture.md:
+    # Configuration).
     docs = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name, field in ServiceSettings.model_fields.items():
         row = next(
