@@ -11,9 +11,11 @@ torch, numpy, fastapi or onnxruntime), and nothing from ``rmserve.service`` or
         print(result.scores, result.truncated)
 
 Clients: :class:`RewardClient` (blocking) and :class:`AsyncRewardClient` (asyncio/trio),
-with ``score``, ``score_messages``, ``score_texts``, ``rank``, ``compare``, ``models``,
-``ready``, ``health``. Integrations: :func:`trl_reward_func` / :func:`async_trl_reward_func`
-for TRL's GRPOTrainer, :func:`best_of_n` / :func:`async_best_of_n`.
+with ``score``, ``score_messages``, ``score_texts``, ``score_items``, ``rank``, ``compare``,
+``models``, ``ready``, ``health``; how items are scored (normalization, truncation, an
+ensemble's aggregate) is a :class:`ScoreOptions`, given as keyword arguments. Integrations:
+:func:`trl_reward_func` / :func:`async_trl_reward_func` for TRL's GRPOTrainer,
+:func:`best_of_n` / :func:`async_best_of_n`.
 
 Exceptions (all carry the server's message; status errors also ``status_code``,
 ``error_type`` and ``retry_after``)::
@@ -63,6 +65,7 @@ from rmserve.client._types import (
     ModelInfo,
     RankedResponse,
     RankResult,
+    ScoreOptions,
     ScoreResult,
     Usage,
 )
@@ -92,6 +95,7 @@ __all__ = [
     "RequestTooLargeError",
     "RewardClient",
     "RewardServerError",
+    "ScoreOptions",
     "ScoreResult",
     "TRLRewardFunction",
     "Usage",

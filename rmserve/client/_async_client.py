@@ -25,20 +25,14 @@ from rmserve.client._base import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     READY_TIMEOUT,
+    BaseRewardClient,
     ClientConfig,
-    logger,
+    ScoreCall,
 )
-from rmserve.client._errors import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-    RewardServerError,
-    error_for_response,
-)
+from rmserve.client._errors import APIStatusError
 from rmserve.client._payloads import (
     JSON,
     ScoreChunk,
-    chunked,
     compare_body,
     conversation_items,
     merge_score_chunks,
@@ -46,15 +40,9 @@ from rmserve.client._payloads import (
     parse_compare,
     parse_models,
     parse_rank,
-    parse_score_chunk,
-    rank_body,
     rank_from_scores,
-    score_body,
-    scoring_options,
-    shift_item_index,
     text_items,
 )
-from rmserve.client._retry import is_retryable_status
 from rmserve.client._types import (
     Aggregate,
     CompareResult,
@@ -62,17 +50,19 @@ from rmserve.client._types import (
     ModelInfo,
     Prompt,
     RankResult,
+    ScoreOptions,
     ScoreResult,
 )
 
 __all__ = ["AsyncRewardClient"]
 
 
-class AsyncRewardClient:
-    """Async client for an rmserve server; arguments as for :class:`RewardClient`.
+class AsyncRewardClient(BaseRewardClient):
+    """Asynchronous client for an rmserve server; arguments as for :class:`RewardClient`.
 
     ``transport`` is an ``httpx.AsyncBaseTransport`` and ``http_client`` an
-    ``httpx.AsyncClient`` here.
+    ``httpx.AsyncClient`` here. The scoring methods take the options of
+    :class:`ScoreOptions` as keyword arguments.
     """
 
     def __init__(
@@ -106,23 +96,6 @@ class AsyncRewardClient:
         # Indirection so tests can record the waits instead of sleeping through them.
         self._sleep: Callable[[float], Awaitable[None]] = anyio.sleep
 
-    # -- configuration ------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return self._config.base_url
-
-    @property
-    def max_items_per_request(self) -> int:
-        return self._config.max_items_per_request
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._config.max_concurrency
-
-    def __repr__(self) -> str:
-        return f"AsyncRewardClient(base_url={self.base_url!r})"
-
     # -- lifecycle ----------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -154,16 +127,17 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         return_members: bool = False,
     ) -> ScoreResult:
-        """Reward of each (prompt, response) pair, in input order (see RewardClient.score)."""
-        items = pair_items(prompts, responses)
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
-        return await self._score_items(items, options)
+        """Reward of each (prompt, response) pair, in input order.
+
+        A prompt is a string or a list of chat messages (the response then becomes the final
+        assistant turn). ``normalize`` applies the bundle's reference mean/std;
+        ``truncate_response`` True lets the server cut a response too long to fit
+        (``result.truncated`` says which were cut), False refuses it: its score is nan and
+        ``result.errors`` says why (a call with no item left raises the 422); None leaves it
+        to the server's RMSERVE_TRUNCATE_RESPONSE (default: refuse).
+        """
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
+        return await self._score_items(pair_items(prompts, responses), options)
 
     async def score_messages(
         self,
@@ -176,15 +150,8 @@ class AsyncRewardClient:
         return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
-        items = conversation_items(conversations)
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
-        return await self._score_items(items, options)
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
+        return await self._score_items(conversation_items(conversations), options)
 
     async def score_texts(
         self,
@@ -197,14 +164,15 @@ class AsyncRewardClient:
         return_members: bool = False,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
         return await self._score_items(text_items(texts), options)
+
+    async def score_items(
+        self, items: Sequence[Mapping[str, Any]], options: ScoreOptions | None = None
+    ) -> ScoreResult:
+        """Reward of items already in ``/v1/score``'s item form (``{"prompt", "response"}``,
+        ``{"messages"}`` or ``{"text"}``), as adapters build them; chunked like ``score``."""
+        return await self._score_items(self._items(items), options or ScoreOptions())
 
     async def rank(
         self,
@@ -218,19 +186,17 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         return_members: bool = False,
     ) -> RankResult:
-        """Responses to one prompt, best first (see RewardClient.rank)."""
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
-        body = rank_body(prompt, responses, top_k, options)
-        if len(responses) <= self.max_items_per_request:
+        """Responses to one prompt, best first, with every score in request order.
+
+        Up to ``max_items_per_request`` responses go in one ``/v1/rank`` request; more are
+        scored in chunks and ranked here the same way (highest first, ties by position).
+        """
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
+        body = self._rank_request(prompt, responses, top_k, options)
+        if body is not None:
             return parse_rank(await self._request("POST", "/v1/rank", body), len(responses))
-        result = await self._score_items(pair_items([prompt] * len(responses), responses), options)
-        return rank_from_scores(result, top_k)
+        items = pair_items([prompt] * len(responses), responses)
+        return rank_from_scores(await self._score_items(items, options), top_k)
 
     async def compare(
         self,
@@ -249,13 +215,7 @@ class AsyncRewardClient:
         ``p_a_preferred`` is sigmoid(raw_a - raw_b), the model's Bradley-Terry probability,
         whether or not ``normalize`` rescales ``scores``.
         """
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
         body = compare_body(prompt, a, b, options)
         return parse_compare(await self._request("POST", "/v1/compare", body))
 
@@ -275,97 +235,75 @@ class AsyncRewardClient:
         return body if isinstance(body, dict) else {}
 
     async def ready(self) -> bool:
-        """Whether the server takes traffic (one try; False on 503 or nothing listening)."""
+        """Whether the server has loaded its model and takes traffic (one try, no retries).
+
+        False on 503 and when nothing listens; a 401 or 404 still raises, because those mean
+        the client is misconfigured rather than the server not ready yet.
+        """
+        url = self._config.url("/readyz")
         try:
-            response = await self._http.get(
-                self._config.url("/readyz"), headers=self._config.headers, timeout=READY_TIMEOUT
-            )
-        except httpx.TransportError:
-            return False
-        if response.status_code == 200:
-            return True
-        if response.status_code == 503:
-            return False
-        raise error_for_response(response)
+            attempt = await self._http.get(url, headers=self._config.headers, timeout=READY_TIMEOUT)
+        except httpx.TransportError as e:
+            return self._ready_answer(e)
+        return self._ready_answer(attempt)
 
     async def wait_until_ready(self, max_wait: float = 60.0, interval: float = 0.25) -> None:
         """Poll ``/readyz`` until it answers 200; raise APITimeoutError after ``max_wait`` s."""
         deadline = time.monotonic() + max_wait
         while not await self.ready():
             if time.monotonic() >= deadline:
-                raise APITimeoutError(
-                    f"{self.base_url} was not ready after {max_wait:g} s; check the server log"
-                )
-            await anyio.sleep(interval)
+                raise self._not_ready(max_wait)
+            await self._sleep(interval)
 
-    # -- internals ----------------------------------------------------------------------
+    # -- I/O ----------------------------------------------------------------------------
 
-    async def _score_items(self, items: list[JSON], options: JSON) -> ScoreResult:
-        chunks = chunked(items, self.max_items_per_request)
-
-        async def send(chunk: Sequence[JSON], offset: int) -> ScoreChunk:
-            body = score_body(chunk, options)
-            try:
-                response = await self._request("POST", "/v1/score", body)
-            except APIStatusError as e:
-                shift_item_index(e, offset)
-                raise
-            return parse_score_chunk(response, len(chunk))
-
-        if len(chunks) <= 1:
-            return merge_score_chunks([await send(chunk, 0) for chunk in chunks])
-
-        parts: list[ScoreChunk | None] = [None] * len(chunks)
+    async def _score_items(self, items: list[JSON], options: ScoreOptions) -> ScoreResult:
+        """Send the call's chunks, up to max_concurrency at once as tasks, in order."""
+        calls = self._score_calls(items, options)
+        if len(calls) <= 1:
+            return merge_score_chunks([await self._send(call) for call in calls])
+        parts: list[ScoreChunk | None] = [None] * len(calls)
         errors: list[Exception] = []
         limit = anyio.Semaphore(self.max_concurrency)
 
-        async def run(index: int, chunk: Sequence[JSON], scope: anyio.CancelScope) -> None:
+        async def run(index: int, call: ScoreCall, scope: anyio.CancelScope) -> None:
             # Errors are collected, not raised, so the caller gets the client's exception
             # itself rather than an ExceptionGroup; the first one cancels the other chunks.
             try:
                 async with limit:
-                    parts[index] = await send(chunk, index * self.max_items_per_request)
+                    parts[index] = await self._send(call)
             except Exception as e:
                 errors.append(e)
                 scope.cancel()
 
         async with anyio.create_task_group() as group:
-            for index, chunk in enumerate(chunks):
-                group.start_soon(run, index, chunk, group.cancel_scope)
+            for index, call in enumerate(calls):
+                group.start_soon(run, index, call, group.cancel_scope)
         if errors:
             raise errors[0]
         return merge_score_chunks([part for part in parts if part is not None])
 
+    async def _send(self, call: ScoreCall) -> ScoreChunk:
+        try:
+            return call.parse(await self._request("POST", "/v1/score", call.body))
+        except APIStatusError as e:
+            call.locate(e)
+            raise
+
     async def _request(self, method: str, path: str, body: JSON | None = None) -> httpx.Response:
         """Send with retries; return a 2xx response or raise from the exception tree."""
-        policy = self._config.retry_policy
         url = self._config.url(path)
         retries_done = 0
         while True:
-            retry_after: float | None = None
-            error: RewardServerError
+            attempt: httpx.Response | httpx.TransportError
             try:
-                response = await self._http.request(
+                attempt = await self._http.request(
                     method, url, json=body, headers=self._config.headers
                 )
-            except httpx.TimeoutException as e:
-                error = APITimeoutError(f"{method} {url} timed out ({type(e).__name__}: {e})")
-                cause: BaseException = e
             except httpx.TransportError as e:
-                error = APIConnectionError(
-                    f"{method} {url} failed: {type(e).__name__}: {e}; is the server running?"
-                )
-                cause = e
-            else:
-                if response.is_success:
-                    return response
-                status_error = error_for_response(response)
-                if not is_retryable_status(response.status_code):
-                    raise status_error
-                error, cause, retry_after = status_error, status_error, status_error.retry_after
-            if retries_done >= policy.max_retries:
-                raise error from (cause if cause is not error else None)
-            delay = policy.delay(retries_done, retry_after)
-            logger.info("retrying %s %s in %.2f s after: %s", method, path, delay, error)
-            await self._sleep(delay)
+                attempt = e
+            outcome = self._outcome(method, path, attempt, retries_done)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            await self._sleep(outcome)
             retries_done += 1

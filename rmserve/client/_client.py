@@ -26,20 +26,14 @@ from rmserve.client._base import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     READY_TIMEOUT,
+    BaseRewardClient,
     ClientConfig,
-    logger,
+    ScoreCall,
 )
-from rmserve.client._errors import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-    RewardServerError,
-    error_for_response,
-)
+from rmserve.client._errors import APIStatusError
 from rmserve.client._payloads import (
     JSON,
     ScoreChunk,
-    chunked,
     compare_body,
     conversation_items,
     merge_score_chunks,
@@ -47,15 +41,9 @@ from rmserve.client._payloads import (
     parse_compare,
     parse_models,
     parse_rank,
-    parse_score_chunk,
-    rank_body,
     rank_from_scores,
-    score_body,
-    scoring_options,
-    shift_item_index,
     text_items,
 )
-from rmserve.client._retry import is_retryable_status
 from rmserve.client._types import (
     Aggregate,
     CompareResult,
@@ -63,13 +51,14 @@ from rmserve.client._types import (
     ModelInfo,
     Prompt,
     RankResult,
+    ScoreOptions,
     ScoreResult,
 )
 
 __all__ = ["RewardClient"]
 
 
-class RewardClient:
+class RewardClient(BaseRewardClient):
     """Blocking client for an rmserve server.
 
     Args:
@@ -85,6 +74,8 @@ class RewardClient:
         http_client: an ``httpx.Client`` to use instead of creating one (it keeps its own
             timeout and limits); the caller closes it.
         headers: extra headers for every request.
+
+    The scoring methods take the options of :class:`ScoreOptions` as keyword arguments.
     """
 
     def __init__(
@@ -117,23 +108,6 @@ class RewardClient:
         )
         # Indirection so tests can record the waits instead of sleeping through them.
         self._sleep: Callable[[float], None] = time.sleep
-
-    # -- configuration ------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return self._config.base_url
-
-    @property
-    def max_items_per_request(self) -> int:
-        return self._config.max_items_per_request
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._config.max_concurrency
-
-    def __repr__(self) -> str:
-        return f"RewardClient(base_url={self.base_url!r})"
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -175,13 +149,7 @@ class RewardClient:
         ``result.errors`` says why (a call with no item left raises the 422); None leaves it
         to the server's RMSERVE_TRUNCATE_RESPONSE (default: refuse).
         """
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
         return self._score_items(pair_items(prompts, responses), options)
 
     def score_messages(
@@ -195,15 +163,8 @@ class RewardClient:
         return_members: bool = False,
     ) -> ScoreResult:
         """Reward of each conversation's last message (the response)."""
-        items = conversation_items(conversations)
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
-        return self._score_items(items, options)
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
+        return self._score_items(conversation_items(conversations), options)
 
     def score_texts(
         self,
@@ -216,14 +177,15 @@ class RewardClient:
         return_members: bool = False,
     ) -> ScoreResult:
         """Reward of text already rendered in the bundle's text format."""
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
         return self._score_items(text_items(texts), options)
+
+    def score_items(
+        self, items: Sequence[Mapping[str, Any]], options: ScoreOptions | None = None
+    ) -> ScoreResult:
+        """Reward of items already in ``/v1/score``'s item form (``{"prompt", "response"}``,
+        ``{"messages"}`` or ``{"text"}``), as adapters build them; chunked like ``score``."""
+        return self._score_items(self._items(items), options or ScoreOptions())
 
     def rank(
         self,
@@ -242,18 +204,12 @@ class RewardClient:
         Up to ``max_items_per_request`` responses go in one ``/v1/rank`` request; more are
         scored in chunks and ranked here the same way (highest first, ties by position).
         """
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
-        body = rank_body(prompt, responses, top_k, options)
-        if len(responses) <= self.max_items_per_request:
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
+        body = self._rank_request(prompt, responses, top_k, options)
+        if body is not None:
             return parse_rank(self._request("POST", "/v1/rank", body), len(responses))
-        result = self._score_items(pair_items([prompt] * len(responses), responses), options)
-        return rank_from_scores(result, top_k)
+        items = pair_items([prompt] * len(responses), responses)
+        return rank_from_scores(self._score_items(items, options), top_k)
 
     def compare(
         self,
@@ -272,13 +228,7 @@ class RewardClient:
         ``p_a_preferred`` is sigmoid(raw_a - raw_b), the model's Bradley-Terry probability,
         whether or not ``normalize`` rescales ``scores``.
         """
-        options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-            return_members=return_members,
-        )
+        options = ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda, return_members)
         body = compare_body(prompt, a, b, options)
         return parse_compare(self._request("POST", "/v1/compare", body))
 
@@ -303,51 +253,31 @@ class RewardClient:
         False on 503 and when nothing listens; a 401 or 404 still raises, because those mean
         the client is misconfigured rather than the server not ready yet.
         """
+        url = self._config.url("/readyz")
         try:
-            response = self._http.get(
-                self._config.url("/readyz"), headers=self._config.headers, timeout=READY_TIMEOUT
-            )
-        except httpx.TransportError:
-            return False
-        if response.status_code == 200:
-            return True
-        if response.status_code == 503:
-            return False
-        raise error_for_response(response)
+            attempt = self._http.get(url, headers=self._config.headers, timeout=READY_TIMEOUT)
+        except httpx.TransportError as e:
+            return self._ready_answer(e)
+        return self._ready_answer(attempt)
 
     def wait_until_ready(self, max_wait: float = 60.0, interval: float = 0.25) -> None:
         """Poll ``/readyz`` until it answers 200; raise APITimeoutError after ``max_wait`` s."""
         deadline = time.monotonic() + max_wait
         while not self.ready():
             if time.monotonic() >= deadline:
-                raise APITimeoutError(
-                    f"{self.base_url} was not ready after {max_wait:g} s; check the server log"
-                )
-            time.sleep(interval)
+                raise self._not_ready(max_wait)
+            self._sleep(interval)
 
-    # -- internals ----------------------------------------------------------------------
+    # -- I/O ----------------------------------------------------------------------------
 
-    def _score_items(self, items: list[JSON], options: JSON) -> ScoreResult:
-        chunks = chunked(items, self.max_items_per_request)
-
-        def send(chunk: Sequence[JSON], offset: int) -> ScoreChunk:
-            body = score_body(chunk, options)
-            try:
-                response = self._request("POST", "/v1/score", body)
-            except APIStatusError as e:
-                shift_item_index(e, offset)
-                raise
-            return parse_score_chunk(response, len(chunk))
-
-        if len(chunks) <= 1 or self.max_concurrency == 1:
-            size = self.max_items_per_request
-            return merge_score_chunks([send(chunk, i * size) for i, chunk in enumerate(chunks)])
-        workers = min(self.max_concurrency, len(chunks))
+    def _score_items(self, items: list[JSON], options: ScoreOptions) -> ScoreResult:
+        """Send the call's chunks, up to max_concurrency at once on threads, in order."""
+        calls = self._score_calls(items, options)
+        if len(calls) <= 1 or self.max_concurrency == 1:
+            return merge_score_chunks([self._send(call) for call in calls])
+        workers = min(self.max_concurrency, len(calls))
         with ThreadPoolExecutor(workers, thread_name_prefix="rmserve-client") as pool:
-            size = self.max_items_per_request
-            futures: list[Future[ScoreChunk]] = [
-                pool.submit(send, chunk, i * size) for i, chunk in enumerate(chunks)
-            ]
+            futures: list[Future[ScoreChunk]] = [pool.submit(self._send, c) for c in calls]
             try:
                 parts = [future.result() for future in futures]
             except BaseException:
@@ -357,34 +287,25 @@ class RewardClient:
                 raise
         return merge_score_chunks(parts)
 
+    def _send(self, call: ScoreCall) -> ScoreChunk:
+        try:
+            return call.parse(self._request("POST", "/v1/score", call.body))
+        except APIStatusError as e:
+            call.locate(e)
+            raise
+
     def _request(self, method: str, path: str, body: JSON | None = None) -> httpx.Response:
         """Send with retries; return a 2xx response or raise from the exception tree."""
-        policy = self._config.retry_policy
         url = self._config.url(path)
         retries_done = 0
         while True:
-            retry_after: float | None = None
-            error: RewardServerError
+            attempt: httpx.Response | httpx.TransportError
             try:
-                response = self._http.request(method, url, json=body, headers=self._config.headers)
-            except httpx.TimeoutException as e:
-                error = APITimeoutError(f"{method} {url} timed out ({type(e).__name__}: {e})")
-                cause: BaseException = e
+                attempt = self._http.request(method, url, json=body, headers=self._config.headers)
             except httpx.TransportError as e:
-                error = APIConnectionError(
-                    f"{method} {url} failed: {type(e).__name__}: {e}; is the server running?"
-                )
-                cause = e
-            else:
-                if response.is_success:
-                    return response
-                status_error = error_for_response(response)
-                if not is_retryable_status(response.status_code):
-                    raise status_error
-                error, cause, retry_after = status_error, status_error, status_error.retry_after
-            if retries_done >= policy.max_retries:
-                raise error from (cause if cause is not error else None)
-            delay = policy.delay(retries_done, retry_after)
-            logger.info("retrying %s %s in %.2f s after: %s", method, path, delay, error)
-            self._sleep(delay)
+                attempt = e
+            outcome = self._outcome(method, path, attempt, retries_done)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            self._sleep(outcome)
             retries_done += 1

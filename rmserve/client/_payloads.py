@@ -25,6 +25,7 @@ from rmserve.client._types import (
     Prompt,
     RankedResponse,
     RankResult,
+    ScoreOptions,
     ScoreResult,
     Usage,
 )
@@ -45,7 +46,6 @@ __all__ = [
     "rank_body",
     "rank_from_scores",
     "score_body",
-    "scoring_options",
     "shift_item_index",
     "text_items",
 ]
@@ -161,51 +161,20 @@ def shift_item_index(error: APIStatusError, offset: int) -> None:
         error.args = (str(error.args[0]) + f" (item {index + offset} of the call)",)
 
 
-AGGREGATES = ("mean", "min", "uwo")
-
-
-def scoring_options(
-    *,
-    normalize: bool,
-    truncate_response: bool | None,
-    aggregate: str | None = None,
-    uwo_lambda: float | None = None,
-    return_members: bool = False,
-) -> JSON:
-    """The body fields every scoring request shares; None leaves a choice to the server
-    (truncation: RMSERVE_TRUNCATE_RESPONSE; aggregate: RMSERVE_ENSEMBLE_AGGREGATE)."""
-    options: JSON = {"normalize": normalize}
-    if truncate_response is not None:
-        options["truncate_response"] = truncate_response
-    if aggregate is not None:
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
-        options["aggregate"] = aggregate
-    if uwo_lambda is not None:
-        if isinstance(uwo_lambda, bool) or not isinstance(uwo_lambda, (int, float)):
-            raise TypeError(f"uwo_lambda must be a number, got {type(uwo_lambda).__name__}")
-        if not (math.isfinite(uwo_lambda) and uwo_lambda >= 0):
-            raise ValueError(f"uwo_lambda must be a finite number >= 0, got {uwo_lambda}")
-        options["uwo_lambda"] = float(uwo_lambda)
-    if return_members:
-        options["return_members"] = True
-    return options
-
-
-def score_body(items: Sequence[JSON], options: JSON) -> JSON:
-    return {"items": list(items), **options}
+def score_body(items: Sequence[JSON], options: ScoreOptions) -> JSON:
+    return {"items": list(items), **options.body_fields()}
 
 
 def rank_body(
     prompt: Prompt,
     responses: Sequence[str],
     top_k: int | None,
-    options: JSON,
+    options: ScoreOptions,
 ) -> JSON:
     responses = check_sequence(responses, "responses")
     if not responses:
         raise ValueError("responses is empty; rank needs at least one response")
-    body = prompt_fields(prompt) | options
+    body = prompt_fields(prompt) | options.body_fields()
     body["responses"] = [_check_str(r, f"responses[{i}]") for i, r in enumerate(responses)]
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -214,8 +183,8 @@ def rank_body(
     return body
 
 
-def compare_body(prompt: Prompt, a: str, b: str, options: JSON) -> JSON:
-    body = prompt_fields(prompt) | options
+def compare_body(prompt: Prompt, a: str, b: str, options: ScoreOptions) -> JSON:
+    body = prompt_fields(prompt) | options.body_fields()
     body["a"] = _check_str(a, "a")
     body["b"] = _check_str(b, "b")
     return body

@@ -46,8 +46,8 @@ from rmserve.client._base import (
     ClientConfig,
 )
 from rmserve.client._client import RewardClient
-from rmserve.client._payloads import JSON, pair_items, prompt_fields, scoring_options
-from rmserve.client._types import Aggregate, ScoreResult
+from rmserve.client._payloads import JSON, pair_items, prompt_fields
+from rmserve.client._types import Aggregate, ScoreOptions, ScoreResult
 
 __all__ = [
     "AsyncTRLRewardFunction",
@@ -105,17 +105,13 @@ class _RewardFunctionBase:
         base_url: str | None,
         *,
         name: str,
-        api_key: str | None,
-        normalize: bool,
-        truncate_response: bool,
-        aggregate: Aggregate | None,
-        uwo_lambda: float | None,
+        options: ScoreOptions,
         standard_format: StandardFormat,
-        timeout: float | httpx.Timeout | None,
-        max_retries: int,
-        max_items_per_request: int,
-        max_concurrency: int,
+        client_settings: dict[str, Any],
     ) -> None:
+        """``options``: how every call is scored (checked when made, so a bad aggregate
+        fails at construction, not at the first step); ``client_settings``: the keyword
+        arguments of the client made on first use."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"name must be a non-empty string (TRL logs it), got {name!r}")
         self.__name__ = name  # what TRL logs: rewards/<name>/mean
@@ -123,23 +119,17 @@ class _RewardFunctionBase:
         self.base_url = base_url
         if standard_format not in ("pair", "concat"):
             raise ValueError(f"standard_format must be 'pair' or 'concat', got {standard_format!r}")
-        self.normalize = normalize
-        self.truncate_response = truncate_response
-        # Checked now, so a bad aggregate fails at construction, not at the first step.
-        self._options = scoring_options(
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
-        )
+        self.options = options
         self.standard_format: StandardFormat = standard_format
-        self._client_kwargs: dict[str, Any] = {
-            "api_key": api_key,
-            "timeout": timeout,
-            "max_retries": max_retries,
-            "max_items_per_request": max_items_per_request,
-            "max_concurrency": max_concurrency,
-        }
+        self._client_kwargs = client_settings
+
+    @property
+    def normalize(self) -> bool:
+        return self.options.normalize
+
+    @property
+    def truncate_response(self) -> bool | None:
+        return self.options.truncate_response
 
     def _log(self, result: ScoreResult, kwargs: Mapping[str, Any]) -> None:
         # TRL passes log_metric(name, value); averaged per logging step next to the reward.
@@ -156,7 +146,15 @@ class _RewardFunctionBase:
 
 
 class TRLRewardFunction(_RewardFunctionBase):
-    """``(prompts, completions, **kwargs) -> list[float]`` backed by a :class:`RewardClient`."""
+    """A reward function for ``GRPOTrainer(reward_funcs=[...])`` that asks an rmserve server:
+    ``(prompts, completions, **kwargs) -> list[float]``, backed by a :class:`RewardClient`
+    (``trl_reward_func(...)`` makes one).
+
+    ``truncate_response`` defaults to True here (unlike the client): a rollout longer than the
+    model's ``max_length`` would otherwise stop training with a 422. The fraction of cut
+    responses is logged through TRL's ``log_metric`` as ``<name>/truncated_fraction``.
+    ``standard_format`` says how string prompts are sent (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -178,16 +176,11 @@ class TRLRewardFunction(_RewardFunctionBase):
         super().__init__(
             base_url if client is None else client.base_url,
             name=name,
-            api_key=api_key,
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
+            options=ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda),
             standard_format=standard_format,
-            timeout=timeout,
-            max_retries=max_retries,
-            max_items_per_request=max_items_per_request,
-            max_concurrency=max_concurrency,
+            client_settings=_client_settings(
+                api_key, timeout, max_retries, max_items_per_request, max_concurrency
+            ),
         )
         self._client = client
         self._owns_client = client is None
@@ -205,7 +198,7 @@ class TRLRewardFunction(_RewardFunctionBase):
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float]:
         items = trl_items(prompts, completions, self.standard_format)
-        result = self.client._score_items(items, self._options)
+        result = self.client.score_items(items, self.options)
         self._log(result, kwargs)
         return list(result.scores)
 
@@ -224,7 +217,8 @@ class TRLRewardFunction(_RewardFunctionBase):
 
 
 class AsyncTRLRewardFunction(_RewardFunctionBase):
-    """The async twin: ``await func(prompts, completions, **kwargs) -> list[float]``."""
+    """The async twin (``async_trl_reward_func(...)`` makes one), run by TRL on its own event
+    loop: ``await func(prompts, completions, **kwargs) -> list[float]``."""
 
     def __init__(
         self,
@@ -245,16 +239,11 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
         super().__init__(
             base_url,
             name=name,
-            api_key=api_key,
-            normalize=normalize,
-            truncate_response=truncate_response,
-            aggregate=aggregate,
-            uwo_lambda=uwo_lambda,
+            options=ScoreOptions(normalize, truncate_response, aggregate, uwo_lambda),
             standard_format=standard_format,
-            timeout=timeout,
-            max_retries=max_retries,
-            max_items_per_request=max_items_per_request,
-            max_concurrency=max_concurrency,
+            client_settings=_client_settings(
+                api_key, timeout, max_retries, max_items_per_request, max_concurrency
+            ),
         )
         # Validate the settings now; the real client is made inside the event loop.
         self.base_url = ClientConfig(self.base_url, headers=None, **self._client_kwargs).base_url
@@ -285,7 +274,7 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
     ) -> list[float]:
         items = trl_items(prompts, completions, self.standard_format)
         client = self._client_for_this_loop()
-        result = await client._score_items(items, self._options)
+        result = await client.score_items(items, self.options)
         self._log(result, kwargs)
         return list(result.scores)
 
@@ -302,73 +291,23 @@ class AsyncTRLRewardFunction(_RewardFunctionBase):
         return state
 
 
-def trl_reward_func(
-    base_url: str | None = None,
-    *,
-    name: str = DEFAULT_NAME,
-    api_key: str | None = None,
-    normalize: bool = False,
-    truncate_response: bool = True,
-    aggregate: Aggregate | None = None,
-    uwo_lambda: float | None = None,
-    standard_format: StandardFormat = "pair",
-    timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    client: RewardClient | None = None,
-) -> TRLRewardFunction:
-    """A reward function for ``GRPOTrainer(reward_funcs=[...])`` that asks an rmserve server.
-
-    ``truncate_response`` defaults to True here (unlike the client): a rollout longer than the
-    model's ``max_length`` would otherwise stop training with a 422. The fraction of cut
-    responses is logged through TRL's ``log_metric`` as ``<name>/truncated_fraction``.
-    ``standard_format`` says how string prompts are sent (see the module docstring).
-    """
-    return TRLRewardFunction(
-        base_url,
-        name=name,
-        api_key=api_key,
-        normalize=normalize,
-        truncate_response=truncate_response,
-        aggregate=aggregate,
-        uwo_lambda=uwo_lambda,
-        standard_format=standard_format,
-        timeout=timeout,
-        max_retries=max_retries,
-        max_items_per_request=max_items_per_request,
-        max_concurrency=max_concurrency,
-        client=client,
-    )
+# The factories of the docs and examples: the classes themselves, so that a type checker sees
+# every argument.
+trl_reward_func = TRLRewardFunction
+async_trl_reward_func = AsyncTRLRewardFunction
 
 
-def async_trl_reward_func(
-    base_url: str | None = None,
-    *,
-    name: str = DEFAULT_NAME,
-    api_key: str | None = None,
-    normalize: bool = False,
-    truncate_response: bool = True,
-    aggregate: Aggregate | None = None,
-    uwo_lambda: float | None = None,
-    standard_format: StandardFormat = "pair",
-    timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-) -> AsyncTRLRewardFunction:
-    """The async form of :func:`trl_reward_func`; TRL runs it on its own event loop."""
-    return AsyncTRLRewardFunction(
-        base_url,
-        name=name,
-        api_key=api_key,
-        normalize=normalize,
-        truncate_response=truncate_response,
-        aggregate=aggregate,
-        uwo_lambda=uwo_lambda,
-        standard_format=standard_format,
-        timeout=timeout,
-        max_retries=max_retries,
-        max_items_per_request=max_items_per_request,
-        max_concurrency=max_concurrency,
-    )
+def _client_settings(
+    api_key: str | None,
+    timeout: float | httpx.Timeout | None,
+    max_retries: int,
+    max_items_per_request: int,
+    max_concurrency: int,
+) -> dict[str, Any]:
+    return {
+        "api_key": api_key,
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "max_items_per_request": max_items_per_request,
+        "max_concurrency": max_concurrency,
+    }

@@ -6,6 +6,7 @@ between threads without anyone changing it underneath. ``list(result.scores)`` g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
@@ -21,6 +22,7 @@ __all__ = [
     "Prompt",
     "RankResult",
     "RankedResponse",
+    "ScoreOptions",
     "ScoreResult",
     "Usage",
 ]
@@ -36,6 +38,7 @@ class Message(TypedDict):
 # How an ensemble's members become one reward (the server's RMSERVE_ENSEMBLE_AGGREGATE when
 # not given): their mean, their minimum (worst case), or mean - uwo_lambda * variance.
 Aggregate = Literal["mean", "min", "uwo"]
+AGGREGATES: tuple[Aggregate, ...] = ("mean", "min", "uwo")
 
 # A conversation whose last message is the assistant response to score.
 Conversation = Sequence[Mapping[str, Any]]
@@ -159,3 +162,48 @@ class BestOfN:
     best_score: float
     candidates: tuple[str, ...]
     scores: tuple[float, ...]  # one per candidate, in candidate order
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How the items of a scoring call are scored; checked when made, so a bad value fails
+    before anything is sent. None leaves a choice to the server.
+
+    ``normalize``: rewards rescaled with the bundle's reference mean and std.
+    ``truncate_response``: True lets the server cut a response too long to fit, False refuses
+    it (nan and an :class:`ItemError`), None follows RMSERVE_TRUNCATE_RESPONSE.
+    ``aggregate``: an ensemble's reward (``mean``, ``min``, or ``uwo``, the mean minus
+    ``uwo_lambda`` times the members' variance); None: RMSERVE_ENSEMBLE_AGGREGATE.
+    ``return_members``: each member's reward in ``ScoreResult.members``.
+    """
+
+    normalize: bool = False
+    truncate_response: bool | None = None
+    aggregate: Aggregate | None = None
+    uwo_lambda: float | None = None
+    return_members: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aggregate is not None and self.aggregate not in AGGREGATES:
+            raise ValueError(
+                f"aggregate must be one of {', '.join(AGGREGATES)}, not {self.aggregate!r}"
+            )
+        lam = self.uwo_lambda
+        if lam is not None:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+                raise TypeError(f"uwo_lambda must be a number, got {type(lam).__name__}")
+            if not (math.isfinite(lam) and lam >= 0):
+                raise ValueError(f"uwo_lambda must be a finite number >= 0, got {lam}")
+
+    def body_fields(self) -> dict[str, Any]:
+        """The request body's fields for these options (a None choice is left out)."""
+        fields: dict[str, Any] = {"normalize": self.normalize}
+        if self.truncate_response is not None:
+            fields["truncate_response"] = self.truncate_response
+        if self.aggregate is not None:
+            fields["aggregate"] = self.aggregate
+        if self.uwo_lambda is not None:
+            fields["uwo_lambda"] = float(self.uwo_lambda)
+        if self.return_members:
+            fields["return_members"] = True
+        return fields

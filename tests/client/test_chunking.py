@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
 
 from client_servers import Recorded, Reply, ScriptedServer, score_reply
-
-from rmserve.client import AsyncRewardClient, RewardClient
+from conftest import ClientFactory
 
 Factory = Callable[..., ScriptedServer]
 
@@ -33,11 +31,14 @@ class InFlight:
         return score_reply(request)
 
 
-def test_sync_chunks_run_concurrently_bounded_and_come_back_in_order(scripted: Factory) -> None:
+def test_chunks_run_concurrently_bounded_and_come_back_in_order(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     counter = InFlight()
     server = scripted(default=counter)
     responses = ["x" * (i % 11) for i in range(20)]
-    with RewardClient(server.url, max_items_per_request=2, max_concurrency=3) as client:
+    client, _ = make_client(server.url, max_items_per_request=2, max_concurrency=3)
+    with client:
         result = client.score(["p"] * 20, responses)
     assert result.scores == tuple(float(len(r)) for r in responses)
     assert result.usage.tokens == 3 * 20
@@ -46,29 +47,13 @@ def test_sync_chunks_run_concurrently_bounded_and_come_back_in_order(scripted: F
     assert 2 <= counter.peak <= 3
 
 
-def test_async_chunks_run_concurrently_bounded_and_come_back_in_order(
-    scripted: Factory,
-) -> None:
-    counter = InFlight()
-    server = scripted(default=counter)
-    responses = ["y" * (i % 7) for i in range(15)]
-
-    async def main() -> tuple[float, ...]:
-        async with AsyncRewardClient(
-            server.url, max_items_per_request=3, max_concurrency=2
-        ) as client:
-            return (await client.score(["p"] * 15, responses)).scores
-
-    assert asyncio.run(main()) == tuple(float(len(r)) for r in responses)
-    assert len(server.requests) == 5
-    assert counter.peak == 2
-
-
-def test_wait_until_ready_polls_until_200(scripted: Factory) -> None:
+def test_wait_until_ready_polls_until_200(make_client: ClientFactory, scripted: Factory) -> None:
     loading = Reply(503, {"status": "loading"}, {"Retry-After": "1"})
     server = scripted([loading, loading], default=lambda r: Reply(200, {"status": "ready"}))
-    with RewardClient(server.url) as client:
+    client, waits = make_client(server.url)
+    with client:
         assert client.ready() is False
         client.wait_until_ready(max_wait=30, interval=0.01)
         assert client.ready() is True
     assert [r.path for r in server.requests] == ["/readyz"] * 4
+    assert waits == [0.01]  # one poll waited, through the client's sleep hook

@@ -64,6 +64,7 @@ PUBLIC = {
     "RequestTooLargeError",
     "RewardClient",
     "RewardServerError",
+    "ScoreOptions",
     "ScoreResult",
     "TRLRewardFunction",
     "Usage",

@@ -2,25 +2,24 @@
 
 The clients' sleep is replaced by a recorder, so the tests check the waits the client asked
 for (Retry-After honoured, backoff grown) without spending them, and no timing decides a
-result.
+result. Every test runs with the blocking and the async client (``make_client``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from collections.abc import Callable
 
 import pytest
 from client_servers import Reply, ScriptedServer, score_reply
+from conftest import ClientFactory
 
 from rmserve.client import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
-    AsyncRewardClient,
     AuthenticationError,
     BadRequestError,
     InternalServerError,
@@ -34,33 +33,17 @@ from rmserve.client._retry import RetryPolicy, parse_retry_after
 Factory = Callable[..., ScriptedServer]
 
 
-def sync_client(url: str, **kwargs: object) -> tuple[RewardClient, list[float]]:
-    client = RewardClient(url, **kwargs)  # type: ignore[arg-type]
-    waits: list[float] = []
-    client._sleep = waits.append
-    return client, waits
-
-
-def async_client(url: str, **kwargs: object) -> tuple[AsyncRewardClient, list[float]]:
-    client = AsyncRewardClient(url, **kwargs)  # type: ignore[arg-type]
-    waits: list[float] = []
-
-    async def record(seconds: float) -> None:
-        waits.append(seconds)
-
-    client._sleep = record
-    return client, waits
-
-
 def error(status: int, type_: str, message: str, **headers: str) -> Reply:
     return Reply(status, {"error": {"type": type_, "message": message}}, dict(headers))
 
 
-def test_429_with_retry_after_then_200_is_retried_after_the_wait(scripted: Factory) -> None:
+def test_429_with_retry_after_then_200_is_retried_after_the_wait(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     server = scripted(
         [error(429, "queue_full", "queue full", **{"Retry-After": "2"})], default=score_reply
     )
-    client, waits = sync_client(server.url)
+    client, waits = make_client(server.url)
     with client:
         result = client.score(["p"], ["abc"])
     assert result.scores == (3.0,)
@@ -70,25 +53,9 @@ def test_429_with_retry_after_then_200_is_retried_after_the_wait(scripted: Facto
     assert 2.0 <= waits[0] <= 2.5  # Retry-After honoured, padded by at most 25%
 
 
-def test_async_429_with_retry_after_then_200(scripted: Factory) -> None:
-    server = scripted(
-        [error(429, "queue_full", "queue full", **{"Retry-After": "1"})], default=score_reply
-    )
-
-    async def main() -> tuple[tuple[float, ...], list[float]]:
-        client, waits = async_client(server.url)
-        async with client:
-            result = await client.score(["p"], ["abcd"])
-        return result.scores, waits
-
-    scores, waits = asyncio.run(main())
-    assert scores == (4.0,)
-    assert len(server.requests) == 2
-    assert len(waits) == 1
-    assert 1.0 <= waits[0] <= 1.25
-
-
-def test_retry_after_as_http_date_and_its_cap(scripted: Factory) -> None:
+def test_retry_after_as_http_date_and_its_cap(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 28.0 <= (parse_retry_after({"Retry-After": in_30s}) or 0) <= 30.0
     assert parse_retry_after({"Retry-After": "soon"}) is None
@@ -96,16 +63,18 @@ def test_retry_after_as_http_date_and_its_cap(scripted: Factory) -> None:
     server = scripted(
         [error(503, "unavailable", "draining", **{"Retry-After": "3600"})], default=score_reply
     )
-    client, waits = sync_client(server.url)
+    client, waits = make_client(server.url)
     with client:
         client.score(["p"], ["x"])
     cap = RetryPolicy().max_retry_after
     assert cap <= waits[0] <= cap * 1.25  # an hour is capped to a minute
 
 
-def test_5xx_backoff_grows_then_gives_up_with_the_last_error(scripted: Factory) -> None:
+def test_5xx_backoff_grows_then_gives_up_with_the_last_error(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     server = scripted(default=lambda request: error(500, "internal_error", "model failed"))
-    client, waits = sync_client(server.url, max_retries=3)
+    client, waits = make_client(server.url, max_retries=3)
     with client, pytest.raises(InternalServerError) as info:
         client.score(["p"], ["x"])
     assert len(server.requests) == 4  # 1 + 3 retries
@@ -130,10 +99,10 @@ def test_5xx_backoff_grows_then_gives_up_with_the_last_error(scripted: Factory) 
     ],
 )
 def test_other_4xx_are_never_retried(
-    scripted: Factory, status: int, error_class: type[APIStatusError]
+    make_client: ClientFactory, scripted: Factory, status: int, error_class: type[APIStatusError]
 ) -> None:
     server = scripted(default=lambda request: error(status, "some_type", f"says {status}"))
-    client, waits = sync_client(server.url, max_retries=5)
+    client, waits = make_client(server.url, max_retries=5)
     with client, pytest.raises(error_class) as info:
         client.score(["p"], ["x"])
     assert type(info.value) is error_class
@@ -144,25 +113,13 @@ def test_other_4xx_are_never_retried(
     assert f"says {status}" in info.value.message
 
 
-def test_async_400_is_not_retried(scripted: Factory) -> None:
-    server = scripted(default=lambda request: error(400, "invalid_json", "bad body"))
-
-    async def main() -> None:
-        client, waits = async_client(server.url, max_retries=5)
-        async with client:
-            with pytest.raises(BadRequestError, match="bad body"):
-                await client.score(["p"], ["x"])
-        assert waits == []
-
-    asyncio.run(main())
-    assert len(server.requests) == 1
-
-
-def test_overloaded_until_the_end_carries_retry_after(scripted: Factory) -> None:
+def test_overloaded_until_the_end_carries_retry_after(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     server = scripted(
         default=lambda request: error(503, "unavailable", "loading", **{"Retry-After": "1"})
     )
-    client, waits = sync_client(server.url, max_retries=2)
+    client, waits = make_client(server.url, max_retries=2)
     with client, pytest.raises(OverloadedError) as info:
         client.rank("p", ["a", "b"])
     assert len(server.requests) == 3
@@ -170,7 +127,9 @@ def test_overloaded_until_the_end_carries_retry_after(scripted: Factory) -> None
     assert info.value.retry_after == 1.0
 
 
-def test_422_details_and_non_json_error_bodies(scripted: Factory) -> None:
+def test_422_details_and_non_json_error_bodies(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     too_long = Reply(
         422,
         {
@@ -184,7 +143,7 @@ def test_422_details_and_non_json_error_bodies(scripted: Factory) -> None:
     )
     proxy = Reply(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
     server = scripted([too_long, proxy, proxy, proxy])
-    client, _ = sync_client(server.url)
+    client, _ = make_client(server.url)
     with client:
         with pytest.raises(BadRequestError) as info:
             client.score(["p"], ["x" * 1000])
@@ -194,8 +153,10 @@ def test_422_details_and_non_json_error_bodies(scripted: Factory) -> None:
             client.score(["p"], ["x"])
 
 
-def test_connection_refused_is_retried_then_raises(refused_url: str) -> None:
-    client, waits = sync_client(refused_url, max_retries=2)
+def test_connection_refused_is_retried_then_raises(
+    make_client: ClientFactory, refused_url: str
+) -> None:
+    client, waits = make_client(refused_url, max_retries=2)
     with client:
         with pytest.raises(APIConnectionError, match="is the server running"):
             client.score(["p"], ["x"])
@@ -203,44 +164,34 @@ def test_connection_refused_is_retried_then_raises(refused_url: str) -> None:
         assert client.ready() is False  # ready() reports, does not raise
 
 
-def test_async_connection_refused(refused_url: str) -> None:
-    async def main() -> None:
-        client, waits = async_client(refused_url, max_retries=1)
-        async with client:
-            with pytest.raises(APIConnectionError):
-                await client.models()
-            assert await client.ready() is False
-        assert len(waits) == 1
-
-    asyncio.run(main())
-
-
-def test_dropped_connection_is_retried(scripted: Factory) -> None:
+def test_dropped_connection_is_retried(make_client: ClientFactory, scripted: Factory) -> None:
     server = scripted([Reply(drop=True)], default=score_reply)
-    client, waits = sync_client(server.url)
+    client, waits = make_client(server.url)
     with client:
         assert client.score(["p"], ["xy"]).scores == (2.0,)
     assert len(server.requests) == 2
     assert len(waits) == 1
 
 
-def test_timeout_raises_api_timeout_error(scripted: Factory) -> None:
+def test_timeout_raises_api_timeout_error(make_client: ClientFactory, scripted: Factory) -> None:
     server = scripted([Reply(delay=1.0), Reply(delay=1.0)], default=score_reply)
-    client, waits = sync_client(server.url, timeout=0.2, max_retries=1)
+    client, waits = make_client(server.url, timeout=0.2, max_retries=1)
     with client, pytest.raises(APITimeoutError) as info:
         client.score(["p"], ["x"])
     assert isinstance(info.value, APIConnectionError)  # a timeout is a connection problem
     assert len(waits) == 1
 
 
-def test_2xx_with_a_broken_body_is_a_validation_error(scripted: Factory) -> None:
+def test_2xx_with_a_broken_body_is_a_validation_error(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     server = scripted(
         [
             Reply(200, {"model": "m", "scores": [1.0]}),  # 1 score for 2 items
             Reply(200, b"not json", {"Content-Type": "text/plain"}),
         ]
     )
-    client, _ = sync_client(server.url)
+    client, _ = make_client(server.url)
     with client:
         with pytest.raises(APIResponseValidationError, match="1 entries for 2 items"):
             client.score(["p", "q"], ["x", "y"])
@@ -248,26 +199,26 @@ def test_2xx_with_a_broken_body_is_a_validation_error(scripted: Factory) -> None
             client.score(["p"], ["x"])
 
 
-def test_a_failing_chunk_fails_the_call_with_its_own_error(scripted: Factory) -> None:
+def test_a_failing_chunk_fails_the_call_with_its_own_error(
+    make_client: ClientFactory, scripted: Factory
+) -> None:
     def reply(request: object) -> Reply:
         items = request.body["items"]  # type: ignore[attr-defined]
-        if any(item["response"] == "bad" for item in items):
-            return error(422, "response_too_long", "item too long")
+        bad = [i for i, item in enumerate(items) if item["response"] == "bad"]
+        if bad:  # the server names the item by its index in this request
+            body = {"error": {"type": "response_too_long", "message": "item too long"}}
+            body["error"]["index"] = bad[0]  # type: ignore[index]
+            return Reply(422, body)
         return score_reply(request)  # type: ignore[arg-type]
 
     server = scripted(default=reply)
     responses = ["ok"] * 9 + ["bad"] + ["ok"] * 10
-    client, _ = sync_client(server.url, max_items_per_request=4, max_concurrency=3)
-    with client, pytest.raises(BadRequestError, match="item too long"):
+    client, _ = make_client(server.url, max_items_per_request=4, max_concurrency=3)
+    with client, pytest.raises(BadRequestError, match="item too long") as info:
         client.score(["p"] * len(responses), responses)
-
-    async def main() -> None:
-        aclient, _ = async_client(server.url, max_items_per_request=4, max_concurrency=3)
-        async with aclient:
-            with pytest.raises(BadRequestError, match="item too long"):
-                await aclient.score(["p"] * len(responses), responses)
-
-    asyncio.run(main())
+    # Item 9 of the call is item 1 of its chunk (items 8-11): the error says 9.
+    assert info.value.details["index"] == 9
+    assert "(item 9 of the call)" in str(info.value)
 
 
 def test_headers_carry_the_key_and_the_user_agent(

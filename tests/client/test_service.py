@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -54,8 +55,8 @@ def assert_close(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list
         assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (x, y)
 
 
-def test_score_all_input_forms_agree(service_url: str) -> None:
-    with RewardClient(service_url) as client:
+def test_score_all_input_forms_agree(new_client: Callable[..., Any], service_url: str) -> None:
+    with new_client(service_url) as client:
         pairs = client.score(PROMPTS, RESPONSES)
         chats = client.score([[{"role": "user", "content": p}] for p in PROMPTS], RESPONSES)
         conversations = client.score_messages(
@@ -104,20 +105,24 @@ def test_chunked_calls_equal_the_unchunked_call_in_order(service_url: str) -> No
             assert_close(client.score([prompts[i]], [responses[i]]).scores, [expected.scores[i]])
 
 
-def test_too_many_items_for_the_server_is_413_and_chunking_fixes_it(service_url: str) -> None:
+def test_too_many_items_for_the_server_is_413_and_chunking_fixes_it(
+    new_client: Callable[..., Any], service_url: str
+) -> None:
     prompts, responses = many_items(45)  # the fixture's server takes at most 40 per request
-    with RewardClient(service_url, max_items_per_request=100) as client:
+    with new_client(service_url, max_items_per_request=100) as client:
         with pytest.raises(RequestTooLargeError, match="split it") as info:
             client.score(prompts, responses)
         assert info.value.error_type == "too_many_items"
-    with RewardClient(service_url, max_items_per_request=40) as client:
+    with new_client(service_url, max_items_per_request=40) as client:
         assert len(client.score(prompts, responses)) == 45
 
 
-def test_rank_compare_and_their_consistency_with_score(service_url: str) -> None:
+def test_rank_compare_and_their_consistency_with_score(
+    new_client: Callable[..., Any], service_url: str
+) -> None:
     prompt = PROMPTS[0]
     candidates = [*RESPONSES, "Just buy bread.", "Bake it."]
-    with RewardClient(service_url) as client:
+    with new_client(service_url) as client:
         scores = client.score([prompt] * len(candidates), candidates).scores
         ranked = client.rank(prompt, candidates)
         top2 = client.rank(prompt, candidates, top_k=2)
@@ -135,20 +140,22 @@ def test_rank_compare_and_their_consistency_with_score(service_url: str) -> None
 
 
 def test_rank_over_more_responses_than_a_request_equals_the_server_rank(
-    service_url: str,
+    new_client: Callable[..., Any], service_url: str
 ) -> None:
     _, responses = many_items(11)
     chat_prompt = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
-    with RewardClient(service_url) as client:
+    with new_client(service_url) as client:
         expected = client.rank(chat_prompt, responses, top_k=5)
-    with RewardClient(service_url, max_items_per_request=3) as client:
+    with new_client(service_url, max_items_per_request=3) as client:
         got = client.rank(chat_prompt, responses, top_k=5)  # scored in 4 chunks, ranked here
     assert got.indices == expected.indices
     assert_close(got.scores, expected.scores)
 
 
-def test_normalize_uses_the_bundle_statistics(service_url: str) -> None:
-    with RewardClient(service_url) as client:
+def test_normalize_uses_the_bundle_statistics(
+    new_client: Callable[..., Any], service_url: str
+) -> None:
+    with new_client(service_url) as client:
         info = client.models()
         raw = client.score(PROMPTS, RESPONSES)
         normalized = client.score(PROMPTS, RESPONSES, normalize=True)
@@ -204,8 +211,8 @@ def test_the_async_client_reads_per_item_errors_too(service_url: str) -> None:
     asyncio.run(main())
 
 
-def test_models_ready_health(service_url: str) -> None:
-    with RewardClient(service_url) as client:
+def test_models_ready_health(new_client: Callable[..., Any], service_url: str) -> None:
+    with new_client(service_url) as client:
         info = client.models()
         assert client.ready() is True
         assert client.health() == {"status": "ok"}
