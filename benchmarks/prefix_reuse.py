@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,10 +59,18 @@ def _cut(tokenizer: Any, text: str, tokens: int) -> str:
     return text[: encoding.offsets[tokens - 1][1]]
 
 
-def build_groups(bundle: Path, data_dir: Path, groups: int) -> list[dict[str, Any]]:
-    """``groups`` of (prompt of about PROMPT_TOKENS tokens, GROUP responses of about
-    RESPONSE_TOKENS), from the real dev data: each prompt joins the texts of consecutive
-    dev records, each response is a dev response cut to length."""
+def build_groups(
+    bundle: Path,
+    data_dir: Path,
+    groups: int,
+    response_tokens: tuple[int, int] = (RESPONSE_TOKENS, RESPONSE_TOKENS),
+) -> list[dict[str, Any]]:
+    """``groups`` of (prompt of about PROMPT_TOKENS tokens, GROUP responses of a length drawn
+    from ``response_tokens``, fixed seed), from the real dev data: each prompt joins the texts
+    of consecutive dev records, each response is a dev response cut to length (or whole,
+    where it is shorter)."""
+    import random
+
     from tokenizers import Tokenizer
 
     from rmserve.training.data import read_examples
@@ -73,6 +82,7 @@ def build_groups(bundle: Path, data_dir: Path, groups: int) -> list[dict[str, An
     responses = [r for e in examples for r in e.responses]
     out: list[dict[str, Any]] = []
     cursor = 0
+    rng = random.Random(0)
     for g in range(groups):
         prompt = ""
         while len(tokenizer.encode(prompt, add_special_tokens=False).ids) < PROMPT_TOKENS:
@@ -80,14 +90,22 @@ def build_groups(bundle: Path, data_dir: Path, groups: int) -> list[dict[str, An
             cursor += 1
         prompt = _cut(tokenizer, prompt, PROMPT_TOKENS)
         chosen = [responses[(g * GROUP + k) % len(responses)] for k in range(GROUP)]
-        out.append(
-            {"prompt": prompt, "responses": [_cut(tokenizer, r, RESPONSE_TOKENS) for r in chosen]}
-        )
+        cut = [_cut(tokenizer, r, rng.randint(*response_tokens)) for r in chosen]
+        out.append({"prompt": prompt, "responses": cut})
     return out
 
 
+# Shapes of the server part: (name, concurrency, responses' token range, request form).
+SHAPES = {
+    "group8": (2, (RESPONSE_TOKENS, RESPONSE_TOKENS)),
+    "single": (GROUP, (RESPONSE_TOKENS, RESPONSE_TOKENS)),
+    # GRPO's responses differ in length: 20 to 300 tokens (dev responses are 1 to ~400).
+    "group8-varied": (2, (20, 300)),
+}
+
+
 def _bodies(groups: list[dict[str, Any]], shape: str) -> list[tuple[bytes, int]]:
-    if shape == "group8":
+    if shape.startswith("group8"):
         return [
             (
                 json.dumps(
@@ -104,15 +122,34 @@ def _bodies(groups: list[dict[str, Any]], shape: str) -> list[tuple[bytes, int]]
     ]
 
 
+def _shared_fraction(before: str | None, after: str | None) -> float | None:
+    """Of the tokens scored in a window, the fraction not computed (shared prompts)."""
+    from benchmarks.prometheus import parse_metrics
+
+    if before is None or after is None:
+        return None
+    first, last = parse_metrics(before), parse_metrics(after)
+    tokens = last.get("rmserve_tokens_total", 0.0) - first.get("rmserve_tokens_total", 0.0)
+    shared = last.get("rmserve_shared_prefix_tokens_total", 0.0) - first.get(
+        "rmserve_shared_prefix_tokens_total", 0.0
+    )
+    return round(shared / tokens, 3) if tokens else None
+
+
 def serve_side_by_side(
-    bundle: Path, groups: list[dict[str, Any]], rounds: int, duration: float, work: Path
+    bundle: Path,
+    groups: dict[str, list[dict[str, Any]]],
+    rounds: int,
+    duration: float,
+    work: Path,
 ) -> dict[str, Any]:
-    plan = [("group8", 2), ("single", GROUP)]
+    """``groups``: the workload of each shape to run (see SHAPES)."""
+    plan = [(shape, SHAPES[shape][0]) for shape in groups]
+    first = groups[next(iter(groups))]
     runs: list[dict[str, Any]] = []
     scores: dict[str, list[float]] = {}
-    check = {
-        "items": [{"prompt": groups[0]["prompt"], "response": r} for r in groups[0]["responses"]]
-    }
+    prompt = first[0]["prompt"]
+    check = {"items": [{"prompt": prompt, "response": r} for r in first[0]["responses"]]}
     for round_ in range(rounds):
         for system, reuse in (("prefix-reuse", "true"), ("whole-items", "false")):
             port = free_port()
@@ -124,10 +161,12 @@ def serve_side_by_side(
                 answer = httpx.post(server.base_url + "/v1/score", json=check, timeout=120).json()
                 scores[system] = answer["scores"]
                 for shape, concurrency in plan:
+                    before = server.metrics_text()
                     run = _measure(
-                        server, system, shape, concurrency, _bodies(groups, shape), duration,
-                        5.0, "/v1/score",
+                        server, system, shape, concurrency, _bodies(groups[shape], shape),
+                        duration, 5.0, "/v1/score",
                     )  # fmt: skip
+                    run["shared_token_fraction"] = _shared_fraction(before, server.metrics_text())
                     run["round"] = round_
                     print(json.dumps(run), flush=True)
                     runs.append(run)
@@ -205,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads, sweep")
     parser.add_argument("--repeats", type=int, default=3, help="sweep repeats per case")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=["group8", "single", "group8-varied"],
+        help="server shapes to run; results of other shapes already in --out are kept",
+    )
     args = parser.parse_args(argv)
 
     from rmserve.training.export import export_bundle
@@ -222,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             "packed_max_abs_diff_vs_torch": manifest.packed.max_abs_diff,
             "bundle_mb": round(sum(p.stat().st_size for p in bundle.iterdir()) / 1e6, 1),
         }
+    previous: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    command = " ".join(["python -m benchmarks.prefix_reuse", *(argv or sys.argv[1:])])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result: dict[str, Any] = {
         "command": "python -m benchmarks.prefix_reuse",
+        # Every run that wrote into this file, oldest first (a run may redo only some parts).
+        "commands": [*previous.get("commands", []), f"{when}: {command}"],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": {"shape": SHAPE_40M, "vocab_size": 32000, "params_about_m": 39},
         "export": export,
@@ -233,10 +285,29 @@ def main(argv: list[str] | None = None) -> int:
             "group": GROUP,
         },
     }
+    result["export"] = export or previous.get("export", {})
     if not args.skip_server:
-        groups = build_groups(bundle, args.data_dir, groups=24)
-        result["server"] = serve_side_by_side(bundle, groups, args.rounds, args.duration, work)
-    result["break_even"] = sweep(bundle, args.threads, args.repeats)
+        groups = {
+            shape: build_groups(bundle, args.data_dir, 24, SHAPES[shape][1])
+            for shape in args.shapes
+        }
+        server = serve_side_by_side(bundle, groups, args.rounds, args.duration, work)
+        kept = previous.get("server", {})
+        server["runs"] = [
+            *[r for r in kept.get("runs", []) if r["shape"] not in groups],
+            *server["runs"],
+        ]
+        server["summary"] = {
+            **{k: v for k, v in kept.get("summary", {}).items() if k not in groups},
+            **server["summary"],
+        }
+        result["server"] = server
+    elif "server" in previous:
+        result["server"] = previous["server"]
+    if not args.skip_sweep:
+        result["break_even"] = sweep(bundle, args.threads, args.repeats)
+    elif "break_even" in previous:
+        result["break_even"] = previous["break_even"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result.get("server", {}).get("summary"), indent=2))

@@ -46,7 +46,14 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PACKED_INPUTS", "PackedBatch", "ShareMode", "pack", "reward_position"]
+__all__ = [
+    "PACKED_INPUTS",
+    "PackedBatch",
+    "ShareMode",
+    "common_prefix",
+    "pack",
+    "reward_position",
+]
 
 IdArray = npt.NDArray[np.int64]
 PACKED_INPUTS = ("input_ids", "position_ids", "segment_ids", "reward_positions")
@@ -112,7 +119,8 @@ def reward_position(ids: IdArray, skip_token_id: int | None) -> int:
     return int(real[-1]) if real.size else 0
 
 
-def _common_prefix(a: IdArray, b: IdArray) -> int:
+def common_prefix(a: IdArray, b: IdArray) -> int:
+    """How many first tokens ``a`` and ``b`` have in common."""
     n = min(a.shape[0], b.shape[0])
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if differ.size else n
@@ -129,7 +137,7 @@ def _rows(
     shared, members = 0, [order[0]]
     for previous, index in itertools.pairwise(order):
         prefix = min(
-            _common_prefix(sequences[previous], sequences[index]),
+            common_prefix(sequences[previous], sequences[index]),
             shared if len(members) > 1 else sequences[previous].shape[0],
         )
         candidate = [*members, index]

@@ -25,8 +25,9 @@ mask, so an item's score does not depend on its neighbours. With packed inferenc
 (a decoder bundle's packed graph, :mod:`rmserve.packing`) the functions lay the batch out
 themselves: items of the batch that share a prompt (one request's group, or concurrent
 requests whose rendered prompts are identical) share a row and the prompt is computed once.
-Each batch is packed on its own: a group split over several batches computes its prompt once
-per batch.
+Batch selection then takes a prompt's items as one unit (:meth:`Batcher._units`), so that
+responses of different lengths to one prompt are not cut apart by the padding ratio; a group
+larger than a batch computes its prompt once per batch.
 
 A model may have several heads (outputs per item, ``num_heads``): every item gets its row of
 ``num_heads`` values. The model's answer must have one row per item of the batch; any other
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.packing import PackedBatch
+from rmserve.packing import PackedBatch, common_prefix
 from rmserve.service.runtime import head_rows
 
 __all__ = [
@@ -338,12 +340,14 @@ class Batcher:
     def select(self, now: float) -> list[_Item] | None:
         """The batch to run now, or None to keep waiting for more items.
 
-        Pending items sorted by length are cut into consecutive runs: a run ends where the next
-        (longer) item would break the size limit or the token budget (the run is then "full")
-        or would push the run's padded/real token ratio over ``max_padding_ratio`` (the run
-        may still fill with items of its own length). The run holding the oldest item goes
-        once that item has waited ``max_wait_s`` (or when draining); before that only a full
-        run goes, the one with the oldest item among full runs.
+        Pending items are taken as *units* (:meth:`_units`: one item each, or with packed
+        inference the items that share a prompt) sorted by length and cut into consecutive
+        runs: a run ends where the next (longer) unit would break the size limit or the token
+        budget (the run is then "full") or would push the run's padded/real token ratio over
+        ``max_padding_ratio`` (the run may still fill with units of its own length). The run
+        holding the oldest item goes once that item has waited ``max_wait_s`` (or when
+        draining); before that only a full run goes, the one with the oldest item among full
+        runs.
         """
         pending = self._pending
         if not pending:
@@ -351,17 +355,18 @@ class Batcher:
         oldest = pending[0]
         runs: list[tuple[list[_Item], bool]] = []  # (items, full)
         run: list[_Item] = []
-        real = 0
-        for item in sorted(pending, key=lambda item: item.length):
-            # Sorted ascending: if added, the new item is the longest of the run.
+        rows = real = 0
+        for unit, length in sorted(self._units(pending), key=lambda u: u[1]):
+            # Sorted ascending: if added, the new unit is the longest row of the run.
             if run:
-                count = len(run) + 1
-                full = count > self.max_batch_size or count * item.length > self.max_batch_tokens
-                if full or count * item.length > self.max_padding_ratio * (real + item.length):
+                count = len(run) + len(unit)
+                full = count > self.max_batch_size or (rows + 1) * length > self.max_batch_tokens
+                if full or (rows + 1) * length > self.max_padding_ratio * (real + length):
                     runs.append((run, full))
-                    run, real = [], 0
-            run.append(item)
-            real += item.length
+                    run, rows, real = [], 0, 0
+            run.extend(unit)
+            rows += 1
+            real += length
         runs.append((run, len(run) >= self.max_batch_size))
         expired = self._draining or now - oldest.request.enqueued_at >= self.max_wait_s
         if expired:
@@ -371,6 +376,34 @@ class Batcher:
             return None
         age = {id(item): position for position, item in enumerate(pending)}
         return min(full_runs, key=lambda r: min(age[id(item)] for item in r))
+
+    def _units(self, pending: list[_Item]) -> list[tuple[list[_Item], int]]:
+        """(items, row length) that batching keeps together: each item alone, or, with
+        packed inference, the items whose common prefix is at least half of each of them
+        (a prompt shared by short responses: a GRPO group, concurrent requests of one
+        prompt), so that a group of responses of different lengths stays in one batch and
+        its prompt is computed once; the row length is then the prefix once plus each own
+        part. A unit holds at most ``max_batch_size`` items within ``max_batch_tokens``."""
+        if self._packed is None or len(pending) < 2:
+            return [([item], item.length) for item in pending]
+        ordered = sorted(pending, key=lambda item: item.ids.tobytes())
+        units: list[tuple[list[_Item], int]] = []
+        group, shared, longest = [ordered[0]], ordered[0].length, ordered[0].length
+        for previous, item in itertools.pairwise(ordered):
+            prefix = min(shared, common_prefix(previous.ids, item.ids))
+            row = prefix + sum(i.length - prefix for i in group) + item.length - prefix
+            if (
+                2 * prefix >= max(longest, item.length)
+                and len(group) < self.max_batch_size
+                and row <= self.max_batch_tokens
+            ):
+                group.append(item)
+                shared, longest = prefix, max(longest, item.length)
+                continue
+            units.append(_unit(group, shared))
+            group, shared, longest = [item], item.length, item.length
+        units.append(_unit(group, shared))
+        return units
 
     async def _run(self, batch: list[_Item], instance: int) -> None:
         """Run ``batch`` on ``instance`` and hand out its scores; the instance is free again
@@ -461,6 +494,13 @@ class Batcher:
             input_ids[row, : ids.shape[0]] = ids
         attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
         return input_ids, attention_mask
+
+
+def _unit(items: list[_Item], shared: int) -> tuple[list[_Item], int]:
+    """A unit of :meth:`Batcher._units` and its row length."""
+    if len(items) == 1:
+        return items, items[0].length
+    return items, shared + sum(item.length - shared for item in items)
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:

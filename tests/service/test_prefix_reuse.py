@@ -203,3 +203,51 @@ def test_bundles_without_a_packed_graph_serve_as_before(
     int8 = ModelRuntime(tiny_decoder_bundle, manifest, provider="cpu", precision="int8")
     assert not int8.packed
     assert int8.info.file == "model.int8.onnx"
+
+
+def test_a_group_of_different_response_lengths_stays_in_one_batch() -> None:
+    """Batching keeps a prompt's items together when they are packed: a 60-token prompt
+    with responses of 2 to 40 tokens gives items of 62 to 100 tokens, which the padding ratio
+    cuts into several batches when every item is a row of its own; packed, they are one row."""
+    from rmserve.packing import PackedBatch, pack
+
+    prompt = list(range(1, 61))
+    group = [
+        np.asarray(prompt + [100 + k] * n, dtype=np.int64)
+        for k, n in enumerate([2, 10, 25, 40, 5, 33])
+    ]
+    lone = [np.asarray([7] * n, dtype=np.int64) for n in (20, 21)]
+    sizes = {len(s) for s in group}
+
+    def batches_holding_the_group(packed: bool) -> int:
+        batches: list[set[int]] = []
+
+        def plain(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            batches.append({int(n) for n in mask.sum(axis=1)})
+            return np.zeros(ids.shape[0], dtype=np.float32)
+
+        def packed_fn(sequences: list[np.ndarray]) -> tuple[np.ndarray, PackedBatch]:
+            batches.append({len(s) for s in sequences})
+            batch = pack(sequences, 0, skip_token_id=None)
+            return np.zeros((len(sequences), 1), dtype=np.float32), batch
+
+        async def main() -> None:
+            batcher = Batcher(
+                plain,
+                packed=[packed_fn] if packed else None,
+                pad_token_id=0,
+                max_batch_size=64,
+                max_batch_tokens=10_000,
+                max_wait_s=0.01,
+                max_queue_items=100,
+                max_padding_ratio=1.15,
+            )
+            batcher.start()
+            await batcher.submit([*group, *lone])
+            await batcher.close()
+
+        asyncio.run(main())
+        return sum(1 for b in batches if b & sizes)
+
+    assert batches_holding_the_group(packed=False) > 1
+    assert batches_holding_the_group(packed=True) == 1
