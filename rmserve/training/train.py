@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import TextFormat
-from rmserve.manifest import Evaluation
+from rmserve.manifest import Evaluation, Pooling
 from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample, ReadResult, read_examples
 from rmserve.training.ensemble import (
@@ -148,12 +149,67 @@ def train_reward_model(
         )
     fmt = text_format or TextFormat()
     _seed_everything(config)
+    built = _build_model(config, base)
+    sets = _datasets(config, built, data, eval_data, fmt, skip_malformed, limit, bootstrap_seed)
+    _describe(config, built, sets.train)
+
+    trainer = RewardTrainer(
+        RewardModel(built.model, built.pooling),
+        config,
+        train_dataset=sets.train,
+        eval_dataset=sets.eval,
+        pad_token_id=int(built.tokenizer.pad_token_id),
+    )
+    output = trainer.train()
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    evaluation, member_accuracy = _final_evaluation(trainer, sets, eval_data, built.ensemble)
+    normalization = trainer.measure_normalization(sets.train, seed=config.seed)
+
+    result = TrainResult(
+        out=Path(out),
+        train_loss=float(output.training_loss),
+        losses=losses,
+        evaluation=evaluation,
+        normalization=normalization,
+        train_examples=len(sets.train),
+        skipped=sets.train_read.skipped,
+        parted=sets.train_read.parted,
+        max_length=built.max_length,
+        ensemble=built.ensemble,
+        member_accuracy=tuple(member_accuracy),
+    )
+    trainer.save_model(str(result.out))
+    if trainer.is_world_process_zero():
+        _save_training_info(result, built, fmt, base, data, eval_data)
+        _print_summary(result, steps=trainer.state.global_step, metrics=output.metrics)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank leaves before the checkpoint is complete
+    return result
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The model to train and what was decided with it."""
+
+    base_path: str
+    tokenizer: Any
+    model: Any
+    ensemble: EnsembleInfo | None  # heads: one backbone, K heads (K = 1: None)
+    kind: str
+    pooling: Pooling
+    trainable: int  # parameters left trainable after freezing
+    max_length: int
+
+
+def _build_model(config: RewardConfig, base: str) -> _Built:
+    """The tokenizer and the sequence-classification model with one head, or K heads for an
+    ensemble of heads (each drawn from its member's seed), frozen as the config says."""
     base_path = resolve_base(base)
     tokenizer = load_tokenizer(base_path)
     members = config.ensemble
     model = load_reward_model(base_path, pad_token_id=tokenizer.pad_token_id, num_labels=members)
     ensemble = None
-    if members > 1:  # heads: one backbone, K heads; K = 1 stays exactly the single model
+    if members > 1:  # K = 1 stays exactly the single model
         seeds = member_seeds(config.seed, members)
         init_member_heads(model, seeds)
         label_members(model, members)
@@ -166,116 +222,130 @@ def train_reward_model(
     kind, pooling = architecture_of(model)
     trainable = freeze(model, embeddings=config.freeze_embeddings, layers=config.freeze_layers)
     max_length = resolve_max_length(config, model, tokenizer, base)
+    return _Built(base_path, tokenizer, model, ensemble, kind, pooling, trainable, max_length)
 
+
+@dataclass(frozen=True)
+class _Sets:
+    train_read: ReadResult
+    eval_read: ReadResult | None
+    train: PreferenceDataset
+    eval: PreferenceDataset | None
+
+
+def _datasets(
+    config: RewardConfig,
+    built: _Built,
+    data: str,
+    eval_data: str | None,
+    fmt: TextFormat,
+    skip_malformed: bool,
+    limit: int | None,
+    bootstrap_seed: int | None,
+) -> _Sets:
+    """The rows read (and reported) and encoded; the training set weighed by each member's
+    bootstrap resample, or by ``bootstrap_seed``'s."""
     train_read = read_examples(data, skip_malformed=skip_malformed, text_format=fmt, limit=limit)
     _report(train_read, "train")
     eval_read = None
     if eval_data:
         eval_read = read_examples(eval_data, skip_malformed=skip_malformed, text_format=fmt)
         _report(eval_read, "eval")
-
-    encoder = PairEncoder(tokenizer.backend_tokenizer, max_length)
+    encoder = PairEncoder(built.tokenizer.backend_tokenizer, built.max_length)
     train_set = PreferenceDataset(
-        train_read.examples,
-        encoder,
-        fmt,
-        truncate_long_responses=config.truncate_long_responses,
+        train_read.examples, encoder, fmt, truncate_long_responses=config.truncate_long_responses
     )
-    if ensemble is not None:
-        train_set.resample(bootstrap_weights(len(train_set), ensemble.member_seeds))
+    if built.ensemble is not None:
+        train_set.resample(bootstrap_weights(len(train_set), built.ensemble.member_seeds))
     elif bootstrap_seed is not None:
         train_set.resample(bootstrap_weights(len(train_set), (bootstrap_seed,)))
-    eval_set = (
-        PreferenceDataset(eval_read.examples, encoder, fmt, truncate_long_responses=True)
-        if eval_read
-        else None
-    )
+    eval_set = None
+    if eval_read is not None:
+        eval_set = PreferenceDataset(eval_read.examples, encoder, fmt, truncate_long_responses=True)
+    return _Sets(train_read, eval_read, train_set, eval_set)
+
+
+def _describe(config: RewardConfig, built: _Built, train_set: PreferenceDataset) -> None:
+    model = built.model
+    ensemble = built.ensemble
     _log(
-        f"{kind} {model.config.model_type} (pooling: {pooling}); {len(train_set)} training "
-        f"examples, {train_set.truncated} truncated to {max_length} tokens, "
-        f"{train_set.dropped} dropped (response too long); {trainable:,} trainable parameters; "
-        f"processes: {config.world_size}"
-        + (f"; an ensemble of {members}: {ensemble.description}" if ensemble else "")
+        f"{built.kind} {model.config.model_type} (pooling: {built.pooling}); {len(train_set)} "
+        f"training examples, {train_set.truncated} truncated to {built.max_length} tokens, "
+        f"{train_set.dropped} dropped (response too long); {built.trainable:,} trainable "
+        f"parameters; processes: {config.world_size}"
+        + (f"; an ensemble of {config.ensemble}: {ensemble.description}" if ensemble else "")
     )
 
-    reward_model = RewardModel(model, pooling)
-    trainer = RewardTrainer(
-        reward_model,
-        config,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        pad_token_id=int(tokenizer.pad_token_id),
+
+def _final_evaluation(
+    trainer: RewardTrainer, sets: _Sets, eval_data: str | None, ensemble: EnsembleInfo | None
+) -> tuple[Evaluation | None, list[float]]:
+    """The evaluation at the end of training (and each member's accuracy for an ensemble);
+    none without eval data."""
+    if sets.eval is None or sets.eval_read is None:
+        return None, []
+    # The periodic evaluation often just ran at the last step; do not score dev twice.
+    last = [e for e in trainer.state.log_history if "eval_accuracy" in e]
+    if last and last[-1].get("step") == trainer.state.global_step:
+        metrics = last[-1]
+    else:
+        metrics = trainer.evaluate()
+    examples = sets.eval_read.examples
+    evaluation = Evaluation(
+        accuracy=float(metrics["eval_accuracy"]),
+        n=sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in examples),
+        data=str(eval_data),
+        mean_margin=float(metrics["eval_mean_margin"]),
+        shorter_wins_accuracy=shorter_wins_accuracy(examples),
     )
-    output = trainer.train()
-    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    members = ensemble.members if ensemble is not None else 0
+    member_accuracy = [float(metrics[f"eval_member_{k}_accuracy"]) for k in range(members)]
+    return evaluation, member_accuracy
 
-    evaluation = None
-    member_accuracy: list[float] = []
-    if eval_set is not None and eval_read is not None:
-        # The periodic evaluation often just ran at the last step; do not score dev twice.
-        last = [e for e in trainer.state.log_history if "eval_accuracy" in e]
-        if last and last[-1].get("step") == trainer.state.global_step:
-            metrics = last[-1]
-        else:
-            metrics = trainer.evaluate()
-        evaluation = Evaluation(
-            accuracy=float(metrics["eval_accuracy"]),
-            n=sum(len(e.responses) * (len(e.responses) - 1) // 2 for e in eval_read.examples),
-            data=str(eval_data),
-            mean_margin=float(metrics["eval_mean_margin"]),
-            shorter_wins_accuracy=shorter_wins_accuracy(eval_read.examples),
-        )
-        if ensemble is not None:
-            member_accuracy = [float(metrics[f"eval_member_{k}_accuracy"]) for k in range(members)]
-    normalization = trainer.measure_normalization(train_set, seed=config.seed)
 
-    out_path = Path(out)
-    trainer.save_model(str(out_path))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out_path))
-        TrainingInfo(
-            base_model=MINILM_NAME if base == MINILM_ALIAS else base_path,
-            max_length=max_length,
-            text_format=fmt,
-            normalization=normalization,
-            evaluation=evaluation,
-            train_data=str(data),
-            eval_data=_absolute(eval_data),
-            ensemble=ensemble,
-        ).write(out_path)
-        summary: dict[str, Any] = {
-            "out": str(out_path),
-            "train_loss": output.training_loss,
-            "train_examples": len(train_set),
-            "skipped": train_read.skipped,
-            "parted": train_read.parted,
-            "max_length": max_length,
-            "steps": trainer.state.global_step,
-            "seconds": output.metrics.get("train_runtime"),
+def _save_training_info(
+    result: TrainResult,
+    built: _Built,
+    fmt: TextFormat,
+    base: str,
+    data: str,
+    eval_data: str | None,
+) -> None:
+    """The tokenizer and rmserve_training.json beside the saved model (rank 0 only)."""
+    built.tokenizer.save_pretrained(str(result.out))
+    TrainingInfo(
+        base_model=MINILM_NAME if base == MINILM_ALIAS else built.base_path,
+        max_length=result.max_length,
+        text_format=fmt,
+        normalization=result.normalization,
+        evaluation=result.evaluation,
+        train_data=str(data),
+        eval_data=_absolute(eval_data),
+        ensemble=result.ensemble,
+    ).write(result.out)
+
+
+def _print_summary(result: TrainResult, *, steps: int, metrics: dict[str, Any]) -> None:
+    """One JSON line on stdout: what the run did, for scripts (``rmserve train``'s output)."""
+    summary: dict[str, Any] = {
+        "out": str(result.out),
+        "train_loss": result.train_loss,
+        "train_examples": result.train_examples,
+        "skipped": result.skipped,
+        "parted": result.parted,
+        "max_length": result.max_length,
+        "steps": steps,
+        "seconds": metrics.get("train_runtime"),
+    }
+    evaluation = result.evaluation
+    if evaluation is not None:
+        summary |= {
+            "eval_accuracy": evaluation.accuracy,
+            "eval_n": evaluation.n,
+            "shorter_wins_accuracy": evaluation.shorter_wins_accuracy,
         }
-        if evaluation is not None:
-            summary |= {
-                "eval_accuracy": evaluation.accuracy,
-                "eval_n": evaluation.n,
-                "shorter_wins_accuracy": evaluation.shorter_wins_accuracy,
-            }
-        if ensemble is not None:
-            summary |= {"ensemble": members, "diversity": ensemble.diversity}
-            if member_accuracy:
-                summary["member_accuracy"] = member_accuracy
-        print(json.dumps(summary), flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank leaves before the checkpoint is complete
-    return TrainResult(
-        out=out_path,
-        train_loss=float(output.training_loss),
-        losses=losses,
-        evaluation=evaluation,
-        normalization=normalization,
-        train_examples=len(train_set),
-        skipped=train_read.skipped,
-        parted=train_read.parted,
-        max_length=max_length,
-        ensemble=ensemble,
-        member_accuracy=tuple(member_accuracy),
-    )
+    if result.ensemble is not None:
+        summary |= {"ensemble": result.ensemble.members, "diversity": result.ensemble.diversity}
+        if result.member_accuracy:
+            summary["member_accuracy"] = list(result.member_accuracy)
+    print(json.dumps(summary), flush=True)
