@@ -265,144 +265,184 @@ def load_bundle(bundle_dir: str | Path, *, verify_hashes: bool = True) -> Manife
 # --- parsing -------------------------------------------------------------------------------
 
 
-def _parse_manifest(data: Any, source: str) -> Manifest:
-    def fail(msg: str) -> BundleError:
-        return BundleError(f"{source}: {msg}")
+class _Reader:
+    """Field access with the errors of :func:`load_bundle`: each names the manifest and the
+    field (``variants.fp32.sha256``) and says what was wrong."""
 
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, msg: str) -> BundleError:
+        return BundleError(f"{self.source}: {msg}")
+
+    def get(
+        self, obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = ""
+    ) -> Any:
+        if key not in obj:
+            raise self.fail(f"missing field {where}{key}")
+        value = obj[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(f"field {where}{key} has the wrong type (bool)")
+        if not isinstance(value, kind):
+            raise self.fail(f"field {where}{key} has the wrong type ({type(value).__name__})")
+        return value
+
+    def section(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        return cast("Mapping[str, Any]", self.get(data, key, dict))
+
+
+def _parse_manifest(data: Any, source: str) -> Manifest:
+    """Every section checked, in the order of the manifest; the first problem raises."""
+    r = _Reader(source)
     if not isinstance(data, Mapping):
-        raise fail("the manifest must be a JSON object")
+        raise r.fail("the manifest must be a JSON object")
     version = data.get("format_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise fail(
+        raise r.fail(
             f"unknown format_version {version!r}; this rmserve reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}. Export the bundle again with this "
             "rmserve, or upgrade rmserve"
         )
-
-    def get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-        if key not in obj:
-            raise fail(f"missing field {where}{key}")
-        value = obj[key]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise fail(f"field {where}{key} has the wrong type (bool)")
-        if not isinstance(value, kind):
-            raise fail(f"field {where}{key} has the wrong type ({type(value).__name__})")
-        return value
-
-    def section(key: str) -> Mapping[str, Any]:
-        return cast("Mapping[str, Any]", get(data, key, dict, ""))
-
-    arch = section("architecture")
-    kind = get(arch, "kind", str, "architecture.")
-    pooling = get(arch, "pooling", str, "architecture.")
-    if kind not in ("encoder", "decoder"):
-        raise fail(f"architecture.kind must be 'encoder' or 'decoder', got {kind!r}")
-    if pooling not in ("first", "last"):
-        raise fail(f"architecture.pooling must be 'first' or 'last', got {pooling!r}")
-    architecture = Architecture(
-        kind=kind, model_type=get(arch, "model_type", str, "architecture."), pooling=pooling
-    )
-
-    max_length = get(data, "max_length", int, "")
-    if max_length < 2:
-        raise fail(f"max_length must be at least 2, got {max_length}")
-    padding_side = get(data, "padding_side", str, "")
-    if padding_side != "right":
-        raise fail(f"padding_side must be 'right', got {padding_side!r}")
-    truncation = get(data, "truncation", str, "")
-    if truncation != "prompt_left":
-        raise fail(f"unknown truncation policy {truncation!r}; expected 'prompt_left'")
-    try:
-        text_format = text_format_from_dict(section("text_format"))
-    except FormattingError as e:
-        raise fail(str(e)) from e
-    labels = data.get("labels", ["reward"])
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise fail("labels must be a non-empty list of strings (one per model output)")
-    reward_head = data.get("reward_head", 0)
-    if isinstance(reward_head, bool) or not isinstance(reward_head, int):
-        raise fail(f"reward_head must be an integer, got {reward_head!r}")
-    if not 0 <= reward_head < len(labels):
-        raise fail(f"reward_head {reward_head} is not one of the {len(labels)} outputs {labels}")
-    files = data.get("files", {})
-    if not isinstance(files, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
-        for k, v in files.items()
-    ):
-        raise fail("files must map file names inside the bundle to sha256 hex digests")
-
-    norm = section("normalization")
-    normalization = Normalization(
-        mean=float(get(norm, "mean", (int, float), "normalization.")),
-        std=float(get(norm, "std", (int, float), "normalization.")),
-        n=get(norm, "n", int, "normalization."),
-        reference=get(norm, "reference", str, "normalization."),
-    )
-    if not normalization.std > 0:
-        raise fail(f"normalization.std must be positive, got {normalization.std}")
-
-    evaluation = None
-    if data.get("evaluation") is not None:
-        ev = section("evaluation")
-        evaluation = Evaluation(
-            accuracy=float(get(ev, "accuracy", (int, float), "evaluation.")),
-            n=get(ev, "n", int, "evaluation."),
-            data=get(ev, "data", str, "evaluation."),
-            mean_margin=ev.get("mean_margin"),
-            shorter_wins_accuracy=ev.get("shorter_wins_accuracy"),
-        )
-
+    architecture = _parse_architecture(r, data)
+    max_length, truncation, text_format = _parse_text_path(r, data)
+    labels, reward_head = _parse_heads(r, data)
+    files = _parse_files(r, data)
+    normalization = _parse_normalization(r, data)
+    evaluation = _parse_evaluation(r, data)
     ensemble = None
     if data.get("ensemble") is not None:
-        ensemble = _parse_ensemble(section("ensemble"), labels, fail)
+        ensemble = _parse_ensemble(r.section(data, "ensemble"), labels, r.fail)
     packed = None
     if data.get("packed") is not None:
-        packed = _parse_packed(section("packed"), files, kind, fail)
-
-    raw_variants = section("variants")
-    if not raw_variants:
-        raise fail("variants must list at least one model file (fp32: model.onnx)")
-    variants: dict[str, Variant] = {}
-    for precision, raw in raw_variants.items():
-        if precision not in VARIANT_FILES:
-            raise fail(f"unknown variant {precision!r}; expected one of {sorted(VARIANT_FILES)}")
-        if not isinstance(raw, Mapping):
-            raise fail(f"variants.{precision} must be an object")
-        where = f"variants.{precision}."
-        parity = raw.get("parity", {})
-        if not isinstance(parity, Mapping) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in parity.values()
-        ):
-            raise fail(f"{where}parity must map names to numbers")
-        variants[precision] = Variant(
-            file=get(raw, "file", str, where),
-            sha256=get(raw, "sha256", str, where),
-            precision=cast(Precision, precision),  # checked against VARIANT_FILES above
-            parity={k: float(v) for k, v in parity.items()},
-        )
-
+        packed = _parse_packed(r.section(data, "packed"), files, architecture.kind, r.fail)
+    variants = _parse_variants(r, data)
     return Manifest(
         format_version=FORMAT_VERSION,
-        model_name=get(data, "model_name", str, ""),
-        base_model=get(data, "base_model", str, ""),
+        model_name=r.get(data, "model_name", str, ""),
+        base_model=r.get(data, "base_model", str, ""),
         architecture=architecture,
         max_length=max_length,
-        pad_token_id=get(data, "pad_token_id", int, ""),
+        pad_token_id=r.get(data, "pad_token_id", int, ""),
         padding_side="right",
         truncation=truncation,
         text_format=text_format,
         normalization=normalization,
         evaluation=evaluation,
         variants=variants,
-        tokenizer_sha256=get(data, "tokenizer_sha256", str, ""),
-        created_at=get(data, "created_at", str, ""),
-        rmserve_version=get(data, "rmserve_version", str, ""),
+        tokenizer_sha256=r.get(data, "tokenizer_sha256", str, ""),
+        created_at=r.get(data, "created_at", str, ""),
+        rmserve_version=r.get(data, "rmserve_version", str, ""),
         labels=tuple(labels),
         reward_head=reward_head,
         files=dict(files),
         packed=packed,
         ensemble=ensemble,
     )
+
+
+def _parse_architecture(r: _Reader, data: Mapping[str, Any]) -> Architecture:
+    arch = r.section(data, "architecture")
+    kind = r.get(arch, "kind", str, "architecture.")
+    pooling = r.get(arch, "pooling", str, "architecture.")
+    if kind not in ("encoder", "decoder"):
+        raise r.fail(f"architecture.kind must be 'encoder' or 'decoder', got {kind!r}")
+    if pooling not in ("first", "last"):
+        raise r.fail(f"architecture.pooling must be 'first' or 'last', got {pooling!r}")
+    return Architecture(
+        kind=kind, model_type=r.get(arch, "model_type", str, "architecture."), pooling=pooling
+    )
+
+
+def _parse_text_path(r: _Reader, data: Mapping[str, Any]) -> tuple[int, str, AnyTextFormat]:
+    """(max_length, truncation, text format); the padding side must be right."""
+    max_length = r.get(data, "max_length", int)
+    if max_length < 2:
+        raise r.fail(f"max_length must be at least 2, got {max_length}")
+    padding_side = r.get(data, "padding_side", str)
+    if padding_side != "right":
+        raise r.fail(f"padding_side must be 'right', got {padding_side!r}")
+    truncation = r.get(data, "truncation", str)
+    if truncation != "prompt_left":
+        raise r.fail(f"unknown truncation policy {truncation!r}; expected 'prompt_left'")
+    try:
+        text_format = text_format_from_dict(r.section(data, "text_format"))
+    except FormattingError as e:
+        raise r.fail(str(e)) from e
+    return max_length, truncation, text_format
+
+
+def _parse_heads(r: _Reader, data: Mapping[str, Any]) -> tuple[list[str], int]:
+    """(labels, reward_head): one name per model output, and the output that is the reward."""
+    labels = data.get("labels", ["reward"])
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise r.fail("labels must be a non-empty list of strings (one per model output)")
+    reward_head = data.get("reward_head", 0)
+    if isinstance(reward_head, bool) or not isinstance(reward_head, int):
+        raise r.fail(f"reward_head must be an integer, got {reward_head!r}")
+    if not 0 <= reward_head < len(labels):
+        raise r.fail(f"reward_head {reward_head} is not one of the {len(labels)} outputs {labels}")
+    return labels, reward_head
+
+
+def _parse_files(r: _Reader, data: Mapping[str, Any]) -> Mapping[str, str]:
+    files = data.get("files", {})
+    if not isinstance(files, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
+        for k, v in files.items()
+    ):
+        raise r.fail("files must map file names inside the bundle to sha256 hex digests")
+    return files
+
+
+def _parse_normalization(r: _Reader, data: Mapping[str, Any]) -> Normalization:
+    norm = r.section(data, "normalization")
+    normalization = Normalization(
+        mean=float(r.get(norm, "mean", (int, float), "normalization.")),
+        std=float(r.get(norm, "std", (int, float), "normalization.")),
+        n=r.get(norm, "n", int, "normalization."),
+        reference=r.get(norm, "reference", str, "normalization."),
+    )
+    if not normalization.std > 0:
+        raise r.fail(f"normalization.std must be positive, got {normalization.std}")
+    return normalization
+
+
+def _parse_evaluation(r: _Reader, data: Mapping[str, Any]) -> Evaluation | None:
+    if data.get("evaluation") is None:
+        return None
+    ev = r.section(data, "evaluation")
+    return Evaluation(
+        accuracy=float(r.get(ev, "accuracy", (int, float), "evaluation.")),
+        n=r.get(ev, "n", int, "evaluation."),
+        data=r.get(ev, "data", str, "evaluation."),
+        mean_margin=ev.get("mean_margin"),
+        shorter_wins_accuracy=ev.get("shorter_wins_accuracy"),
+    )
+
+
+def _parse_variants(r: _Reader, data: Mapping[str, Any]) -> dict[str, Variant]:
+    raw_variants = r.section(data, "variants")
+    if not raw_variants:
+        raise r.fail("variants must list at least one model file (fp32: model.onnx)")
+    variants: dict[str, Variant] = {}
+    for precision, raw in raw_variants.items():
+        if precision not in VARIANT_FILES:
+            raise r.fail(f"unknown variant {precision!r}; expected one of {sorted(VARIANT_FILES)}")
+        if not isinstance(raw, Mapping):
+            raise r.fail(f"variants.{precision} must be an object")
+        where = f"variants.{precision}."
+        parity = raw.get("parity", {})
+        if not isinstance(parity, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in parity.values()
+        ):
+            raise r.fail(f"{where}parity must map names to numbers")
+        variants[precision] = Variant(
+            file=r.get(raw, "file", str, where),
+            sha256=r.get(raw, "sha256", str, where),
+            precision=cast(Precision, precision),  # checked against VARIANT_FILES above
+            parity={k: float(v) for k, v in parity.items()},
+        )
+    return variants
 
 
 def _is_number(value: Any) -> bool:

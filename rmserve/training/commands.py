@@ -77,9 +77,20 @@ def default_data_path(name: str) -> Path:
     )
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+if TYPE_CHECKING:  # subscriptable for type checkers only
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def register(subparsers: Subparsers) -> None:
     """Add the train, eval and export subcommands."""
-    formatter = _HelpFormatter
+    _register_train(subparsers)
+    _register_eval(subparsers)
+    _register_export(subparsers)
+
+
+def _register_train(subparsers: Subparsers) -> None:
+    """``rmserve train``: its flags are parsed by :func:`build_train_parser` (presets and the
+    config's fields), so the subcommand passes them through."""
     train = subparsers.add_parser(
         "train",
         help="train a Bradley-Terry reward model on preference pairs",
@@ -92,6 +103,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     train.set_defaults(func=run_train)
 
+
+def _register_eval(subparsers: Subparsers) -> None:
     evaluate = subparsers.add_parser(
         "eval",
         help="pairwise accuracy of a checkpoint or bundle on preference data",
@@ -99,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Score every pair of --data with MODEL (a checkpoint folder or an exported bundle) "
             "and print one JSON line: accuracy, n, mean_margin, shorter_wins_accuracy."
         ),
-        formatter_class=formatter,
+        formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("model", metavar="MODEL", help="checkpoint folder or bundle folder")
     evaluate.add_argument("--data", required=True, help="preference data file or HF dataset id")
@@ -122,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N examples")
     evaluate.set_defaults(func=run_eval)
 
+
+def _register_export(subparsers: Subparsers) -> None:
     export = subparsers.add_parser(
         "export",
         help="export a reward model (checkpoint folder or hub id) to an ONNX bundle",
@@ -139,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "decisions agree with fp32 on >= 99% of eval pairs and accuracy drops by <= 1 "
             "point. A failed export exits 2 and leaves BUNDLE as it was."
         ),
-        formatter_class=formatter,
+        formatter_class=_HelpFormatter,
     )
     export.add_argument(
         "checkpoint", metavar="MODEL", help="checkpoint folder or hub id of the reward model"
