@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,54 +95,18 @@ def train_independent_ensemble(
     if first is None:  # pragma: no cover - train_reward_model always writes it
         raise RuntimeError(f"{root / names[0]} has no training info")
     tokenizer = load_tokenizer(str(root / names[0]))
-    encoder = PairEncoder(tokenizer.backend_tokenizer, first.max_length)
-    scorer = member_scorer(root, names)
-    pad_token_id = int(tokenizer.pad_token_id)
-    batch_size = config.per_device_eval_batch_size
-
-    evaluation = None
+    members_model = _Members(
+        scorer=member_scorer(root, names),
+        encoder=PairEncoder(tokenizer.backend_tokenizer, first.max_length),
+        text_format=first.text_format,
+        pad_token_id=int(tokenizer.pad_token_id),
+        batch_size=config.per_device_eval_batch_size,
+    )
+    evaluation: Evaluation | None = None
     member_accuracy: tuple[float, ...] = ()
     if eval_data:
-        examples = read_examples(
-            eval_data, skip_malformed=skip_malformed, text_format=first.text_format
-        ).examples
-        encoded = encode_examples(examples, encoder, first.text_format)
-        scores = score_members(encoded, scorer, pad_token_id, batch_size)
-        metrics = pair_metrics(scores.mean())
-        member_accuracy = tuple(
-            float(pair_metrics(scores.member(k))["accuracy"]) for k in range(members)
-        )
-        evaluation = Evaluation(
-            accuracy=float(metrics["accuracy"]),
-            n=int(metrics["n"]),
-            data=str(eval_data),
-            mean_margin=float(metrics["mean_margin"]),
-            shorter_wins_accuracy=float(metrics["shorter_wins_accuracy"]),
-        )
-
-    # The bundle's reward is the members' mean: its mean and std on the training responses,
-    # sampled as the trainer samples them for one model.
-    train_read = read_examples(
-        data, skip_malformed=skip_malformed, text_format=first.text_format, limit=limit
-    )
-    dataset = PreferenceDataset(
-        train_read.examples,
-        encoder,
-        first.text_format,
-        truncate_long_responses=config.truncate_long_responses,
-    )
-    rows = [row for item in dataset.items for row in item.ids]
-    total = len(rows)
-    if len(rows) > config.normalization_samples:
-        rows = random.Random(config.seed).sample(rows, config.normalization_samples)
-    rewards = score_ids(scorer, rows, pad_token_id, batch_size).mean(axis=1)  # (n,)
-    normalization = Normalization(
-        mean=float(rewards.mean()),
-        std=float(max(rewards.std(), 1e-6)),
-        n=len(rows),
-        reference=f"training responses ({len(rows)} of {total}), members' mean reward",
-    )
-
+        evaluation, member_accuracy = _evaluate(members_model, eval_data, skip_malformed)
+    normalization = _normalization(members_model, data, config, skip_malformed, limit)
     ensemble = EnsembleInfo(
         members=members,
         diversity="independent",
@@ -166,4 +131,66 @@ def train_independent_ensemble(
         max_length=first.max_length,
         ensemble=ensemble,
         member_accuracy=member_accuracy,
+    )
+
+
+@dataclass(frozen=True)
+class _Members:
+    """The trained members as one scorer, with how texts reach it."""
+
+    scorer: BatchScorer  # (B, T) ids and mask -> (B, K)
+    encoder: PairEncoder
+    text_format: TextFormat
+    pad_token_id: int
+    batch_size: int
+
+
+def _evaluate(
+    members: _Members, eval_data: str, skip_malformed: bool
+) -> tuple[Evaluation, tuple[float, ...]]:
+    """The ensemble's evaluation (the members' mean reward) and each member's accuracy."""
+    examples = read_examples(
+        eval_data, skip_malformed=skip_malformed, text_format=members.text_format
+    ).examples
+    encoded = encode_examples(examples, members.encoder, members.text_format)
+    scores = score_members(encoded, members.scorer, members.pad_token_id, members.batch_size)
+    metrics = pair_metrics(scores.mean())
+    member_accuracy = tuple(
+        float(pair_metrics(scores.member(k))["accuracy"]) for k in range(scores.members)
+    )
+    evaluation = Evaluation(
+        accuracy=float(metrics["accuracy"]),
+        n=int(metrics["n"]),
+        data=str(eval_data),
+        mean_margin=float(metrics["mean_margin"]),
+        shorter_wins_accuracy=float(metrics["shorter_wins_accuracy"]),
+    )
+    return evaluation, member_accuracy
+
+
+def _normalization(
+    members: _Members, data: str, config: RewardConfig, skip_malformed: bool, limit: int | None
+) -> Normalization:
+    """The bundle's reward is the members' mean: its mean and std on the training
+    responses, sampled as the trainer samples them for one model."""
+    train_read = read_examples(
+        data, skip_malformed=skip_malformed, text_format=members.text_format, limit=limit
+    )
+    dataset = PreferenceDataset(
+        train_read.examples,
+        members.encoder,
+        members.text_format,
+        truncate_long_responses=config.truncate_long_responses,
+    )
+    rows = [row for item in dataset.items for row in item.ids]
+    total = len(rows)
+    if len(rows) > config.normalization_samples:
+        rows = random.Random(config.seed).sample(rows, config.normalization_samples)
+    rewards = score_ids(members.scorer, rows, members.pad_token_id, members.batch_size)
+    mean = rewards.mean(axis=1)  # (n,)
+    return Normalization(
+        mean=float(mean.mean()),
+        std=float(max(mean.std(), 1e-6)),
+        n=len(rows),
+        reference=f"training responses ({len(rows)} of {total}), members' mean reward",
     )
