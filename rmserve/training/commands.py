@@ -416,9 +416,40 @@ def resolve_recipe(options: argparse.Namespace, *, has_eval: bool) -> TrainRecip
     return TrainRecipe(name, base, RewardConfig(**values), tuple(explicit))
 
 
+def log_to_stderr(command: str) -> None:
+    """Show the training package's log (``rmserve.training``) on stderr, each line prefixed
+    with the command (``rmserve train: ...``), as the command's progress; transformers'
+    progress bar is its own and stays."""
+    import logging
+
+    class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+        """Writes to the sys.stderr of the moment (a test's capture, a redirected one)."""
+
+        rmserve_command = command
+
+        @property
+        def stream(self) -> Any:
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            del value
+
+    log = logging.getLogger("rmserve.training")
+    for old in [h for h in log.handlers if hasattr(h, "rmserve_command")]:
+        log.removeHandler(old)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{command}: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # once, not again through a root handler
+
+
 def run_train(args: argparse.Namespace) -> int:
     options = build_train_parser().parse_args(args.argv)  # --help and usage errors exit here
-    from rmserve.training.train import train_reward_model
+    from rmserve.training.train import logger, train_reward_model
+
+    log_to_stderr("rmserve train")
 
     data = options.data
     eval_data = options.eval_data
@@ -429,11 +460,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         recipe = resolve_recipe(options, has_eval=eval_data is not None)
         given = ", ".join(recipe.explicit) or "none"
-        print(
-            f"rmserve train: preset {recipe.preset}, base {recipe.base}; given explicitly: {given}",
-            file=sys.stderr,
-            flush=True,
-        )
+        logger.info(f"preset {recipe.preset}, base {recipe.base}; given explicitly: {given}")
         train_reward_model(
             data,
             str(recipe.config.output_dir),

@@ -8,7 +8,7 @@ normalization on the training pairs, final evaluation) that ``rmserve export`` r
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,8 +63,13 @@ def _absolute(source: str | None) -> str | None:
     return source
 
 
+logger = logging.getLogger("rmserve.training")
+
+
 def _log(message: str) -> None:
-    print(f"rmserve train: {message}", file=sys.stderr, flush=True)
+    """Progress of a run, through ``logging`` (``rmserve train`` shows it on stderr;
+    :func:`rmserve.training.commands.log_to_stderr`)."""
+    logger.info(message)
 
 
 def _report(result: ReadResult, what: str) -> None:

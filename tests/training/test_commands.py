@@ -185,6 +185,15 @@ def test_train_errors_name_the_problem(
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_train_progress_goes_through_logging(capsys: pytest.CaptureFixture[str]) -> None:
+    from rmserve.training.train import _log
+
+    commands.log_to_stderr("rmserve train")
+    commands.log_to_stderr("rmserve train")  # a second command in one process: one handler
+    _log("step one")
+    assert capsys.readouterr().err == "rmserve train: step one\n"
+
+
 def test_default_data_is_found_from_any_directory(
     hh_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
