@@ -13,7 +13,7 @@ from rmserve.service.metrics import ServiceMetrics
 from rmserve.service.scoring import LoadedModel, Scorer
 from rmserve.service.settings import ServiceSettings
 
-__all__ = ["ScorerDep", "ServiceState", "StateDep", "get_scorer", "get_state"]
+__all__ = ["ScorerDep", "ServiceState", "StateDep", "get_scorer", "get_state", "still_loading"]
 
 
 @dataclass
@@ -41,15 +41,21 @@ async def get_state(request: Request) -> ServiceState:
     return state
 
 
+def still_loading() -> ApiError:
+    """The 503 of a route that needs the model before it has loaded (with Retry-After, so
+    that clients and load balancers retry instead of failing)."""
+    return ApiError(
+        503,
+        "unavailable",
+        "the model is still loading; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def get_scorer(request: Request) -> Scorer:
     state: ServiceState = request.app.state.rmserve
     if state.scorer is None:
-        raise ApiError(
-            503,
-            "unavailable",
-            "the model is still loading; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise still_loading()
     return state.scorer
 
 

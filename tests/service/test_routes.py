@@ -316,3 +316,26 @@ def test_a_bad_item_fails_only_its_own_request_under_concurrency(post: Post) -> 
     with ThreadPoolExecutor(max_workers=12) as pool:
         statuses = list(pool.map(lambda b: post("/v1/score", b).status_code, bodies))
     assert statuses == [422 if i % 4 == 0 else 200 for i in range(24)]
+
+
+def test_routes_that_need_the_model_say_it_is_loading_with_retry_after(
+    tiny_encoder_bundle: Path,
+) -> None:
+    # The app before its lifespan ran: nothing is loaded yet, as in the first seconds of a pod.
+    import asyncio
+
+    from rmserve.service.app import create_app
+    from tests.service.conftest import settings_for
+
+    app = create_app(settings_for(tiny_encoder_bundle))
+
+    async def ask() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rm") as client:
+            item = {"items": [{"prompt": "p", "response": "r"}]}
+            return [await client.get("/v1/models"), await client.post("/v1/score", json=item)]
+
+    for response in asyncio.run(ask()):
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert "still loading" in response.json()["error"]["message"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from rmserve.service.errors import ApiError
 from rmserve.service.metrics import CONTENT_TYPE_LATEST
 from rmserve.service.schemas import HealthResponse, ModelCard, ModelsResponse
-from rmserve.service.state import StateDep
+from rmserve.service.state import StateDep, still_loading
 
 __all__ = ["health_router", "metrics_router", "models_router"]
 
@@ -22,7 +21,7 @@ async def models(state: StateDep) -> ModelsResponse:
     """OpenAI-style model list; each card carries the bundle manifest (without hashes: its
     ``labels`` and ``reward_head`` say what the scores are) and the max_length in force."""
     if state.model is None:
-        raise ApiError(503, "unavailable", "the model is still loading; retry shortly")
+        raise still_loading()
     runtime = state.model.runtime
     return ModelsResponse(
         data=[
