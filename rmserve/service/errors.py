@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["ApiError", "error_body", "error_response", "install_error_handlers"]
+__all__ = ["ApiError", "error_body", "error_content", "error_response", "install_error_handlers"]
 
 logger = logging.getLogger("rmserve.service.errors")
 
@@ -55,13 +55,18 @@ class ApiError(Exception):
         super().__init__(message)
 
 
+def error_content(
+    type_: str, message: str, details: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The error shape: ``{"error": {"type", "message", **details}}``."""
+    return {"error": {"type": type_, "message": message, **(details or {})}}
+
+
 def error_body(type_: str, message: str, details: Mapping[str, Any] | None = None) -> bytes:
+    """:func:`error_content` as JSON bytes (for the raw ASGI middlewares)."""
     import json
 
-    error: dict[str, Any] = {"type": type_, "message": message}
-    if details:
-        error.update(details)
-    return json.dumps({"error": error}).encode()
+    return json.dumps(error_content(type_, message, details)).encode()
 
 
 def error_response(
@@ -71,10 +76,8 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    error: dict[str, Any] = {"type": type_, "message": message}
-    if details:
-        error.update(details)
-    return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
+    content = error_content(type_, message, details)
+    return JSONResponse(content, status_code=status, headers=dict(headers or {}))
 
 
 def _describe_validation(errors: Sequence[Any]) -> tuple[int, str, str]:
