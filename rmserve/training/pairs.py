@@ -24,6 +24,7 @@ __all__ = [
     "EncodedExamples",
     "PairScores",
     "by_pair",
+    "decision_credit",
     "encode_examples",
     "pair_metrics",
     "score_pairs",
@@ -103,6 +104,16 @@ def by_pair(rewards: Any, encoded: EncodedExamples) -> dict[str, Any]:
     }
 
 
+def decision_credit(margin: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Per pair, 1 when the preferred response won (margin > 0), 0.5 for a tie, 0 when it
+    lost: the mean is the accuracy with ties counted half, as everywhere in rmserve."""
+    import numpy as np
+
+    m = np.asarray(margin, dtype=np.float64)
+    credit: npt.NDArray[np.float64] = np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
+    return credit
+
+
 def pair_metrics(scores: PairScores) -> dict[str, float | int]:
     """accuracy (ties count half), n, mean_margin, and the shorter-response-wins accuracy."""
     import numpy as np
@@ -111,9 +122,9 @@ def pair_metrics(scores: PairScores) -> dict[str, float | int]:
     if n == 0:
         raise ValueError("no pairs to evaluate")
     margin = scores.chosen - scores.rejected
-    accuracy = float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))))
+    accuracy = float(decision_credit(margin).mean())
     length_gap = scores.rejected_chars - scores.chosen_chars  # > 0: the chosen one is shorter
-    shorter = float(np.mean(np.where(length_gap > 0, 1.0, np.where(length_gap == 0, 0.5, 0.0))))
+    shorter = float(decision_credit(length_gap).mean())
     return {
         "accuracy": accuracy,
         "n": n,

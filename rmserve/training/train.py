@@ -37,6 +37,7 @@ from rmserve.training.modeling import (
     load_tokenizer,
     resolve_base,
 )
+from rmserve.training.pairs import decision_credit
 from rmserve.training.results import TrainResult
 from rmserve.training.trainer import PreferenceDataset, RewardTrainer
 
@@ -48,12 +49,12 @@ __all__ = ["TrainResult", "resolve_max_length", "shorter_wins_accuracy", "train_
 
 def shorter_wins_accuracy(examples: list[PreferenceExample]) -> float:
     """Accuracy of "the shorter response wins" (in characters; ties count half)."""
-    scores = []
-    for example in examples:
-        for w, lo in example.pairs():
-            gap = len(example.responses[lo]) - len(example.responses[w])
-            scores.append(1.0 if gap > 0 else 0.5 if gap == 0 else 0.0)
-    return sum(scores) / max(1, len(scores))
+    gaps = [
+        len(example.responses[lo]) - len(example.responses[w])
+        for example in examples
+        for w, lo in example.pairs()
+    ]
+    return float(decision_credit(gaps).mean()) if gaps else 0.0
 
 
 def _absolute(source: str | None) -> str | None:

@@ -30,6 +30,7 @@ from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample
 from rmserve.training.loss import bradley_terry_loss
 from rmserve.training.modeling import RewardModel
+from rmserve.training.pairs import decision_credit
 from rmserve.training.scoring import score_ids, torch_scorer
 
 __all__ = [
@@ -159,7 +160,7 @@ class PreferenceCollator:
 
 def _accuracy(margin: np.ndarray) -> float:
     """Fraction of pairs with a positive margin, ties counted half."""
-    return float(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)).mean())
+    return float(decision_credit(margin).mean())
 
 
 def compute_pair_metrics(prediction: EvalPrediction) -> dict[str, float]:

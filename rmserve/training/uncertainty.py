@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmserve.training.pairs import EncodedExamples, PairScores, by_pair, pair_metrics
+from rmserve.training.pairs import (
+    EncodedExamples,
+    PairScores,
+    by_pair,
+    decision_credit,
+    pair_metrics,
+)
 from rmserve.training.scoring import BatchScorer, score_ids
 
 if TYPE_CHECKING:
@@ -111,7 +117,7 @@ def uncertainty_bins(
     """(lowest, highest uncertainty, accuracy, pairs) per quantile bin of ``uncertainty``,
     least uncertain first; ties of the ensemble's margin count half, as in pair_metrics."""
     margin = scores.chosen - scores.rejected  # (P,)
-    correct = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+    correct = decision_credit(margin)
     order = np.argsort(uncertainty, kind="stable")
     out = []
     for chunk in np.array_split(order, min(bins, len(order))):
@@ -132,7 +138,7 @@ def agreement_split(scores: MemberScores) -> dict[str, dict[str, float]]:
     unanimous = _unanimous(scores.chosen - scores.rejected)  # (P,)
     mean = scores.mean()
     margin = mean.chosen - mean.rejected
-    correct = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+    correct = decision_credit(margin)
     out = {}
     for name, mask in (("unanimous", unanimous), ("split", ~unanimous)):
         out[name] = {
