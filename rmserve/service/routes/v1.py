@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Response
 
+from rmserve.service.ensemble import Aggregate
 from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     CompareRequest,
@@ -36,6 +37,7 @@ from rmserve.service.schemas import (
 )
 from rmserve.service.scoring import Scorer, ScoreResult
 from rmserve.service.state import ScorerDep
+from rmserve.service.tokenization import ItemInput
 
 __all__ = ["router", "sigmoid"]
 
@@ -106,81 +108,85 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
+# What every /v1 scoring request carries (ScoreRequest, RankRequest, CompareRequest).
+ScoringRequest = ScoreRequest | RankRequest | CompareRequest
+
+
+async def _score(
+    body: ScoringRequest,
+    items: list[ItemInput],
+    scorer: Scorer,
+    response: Response,
+    *,
+    partial: bool,
+) -> tuple[ScoreResult, Aggregate, npt.NDArray[np.floating[Any]]]:
+    """The request's items scored with its aggregate and truncation policy: the result,
+    the aggregate, and the scores as the request asked (raw or normalized); the timing
+    headers set on ``response``."""
+    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
+    result = await scorer.score(
+        items, truncate_response=body.truncate_response, partial=partial, aggregate=aggregate
+    )
+    response.headers.update(result.timing_headers())
+    scores = scorer.normalize(result.scores) if body.normalize else result.scores
+    return result, aggregate, scores
+
+
+def _per_item_fields(
+    body: ScoringRequest,
+    scorer: Scorer,
+    result: ScoreResult,
+    aggregate: Aggregate,
+    scores: npt.NDArray[np.floating[Any]],
+) -> dict[str, Any]:
+    """The answer fields /v1/score and /v1/rank share, a refused item's entries null."""
+    spread = _Spread.of(result, scorer, body)
+    _, labels = _heads(result, scorer)
+    return {
+        "model": scorer.manifest.model_name,
+        "scores": _optional(scores),
+        "aggregate": aggregate.name,
+        "std": _optional(spread.std),
+        "members": spread.member_rows(result),
+        "head_scores": _head_rows(result, scorer),
+        "labels": labels,
+        "truncated": result.truncated,
+        "errors": _errors(result),
+        "usage": Usage(tokens=result.tokens),
+    }
+
+
 @router.post("/v1/score", summary="Score items", response_model_exclude_none=True)
 async def score(body: ScoreRequest, response: Response, scorer: ScorerDep) -> ScoreResponse:
     """Rewards of (prompt, response) pairs, conversations or rendered texts, in order."""
-    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
-    result = await scorer.score(
-        [item.to_input() for item in body.items],
-        truncate_response=body.truncate_response,
-        partial=True,
-        aggregate=aggregate,
-    )
-    scores = scorer.normalize(result.scores) if body.normalize else result.scores
-    _, labels = _heads(result, scorer)
-    spread = _Spread.of(result, scorer, body)
-    response.headers.update(result.timing_headers())
-    return ScoreResponse(
-        model=scorer.manifest.model_name,
-        scores=_optional(scores),
-        aggregate=aggregate.name,
-        std=_optional(spread.std),
-        members=spread.member_rows(result),
-        head_scores=_head_rows(result, scorer),
-        labels=labels,
-        truncated=result.truncated,
-        errors=_errors(result),
-        usage=Usage(tokens=result.tokens),
-    )
+    items = [item.to_input() for item in body.items]
+    result, aggregate, scores = await _score(body, items, scorer, response, partial=True)
+    return ScoreResponse(**_per_item_fields(body, scorer, result, aggregate, scores))
 
 
 @router.post("/v1/rank", summary="Rank responses to one prompt", response_model_exclude_none=True)
 async def rank(body: RankRequest, response: Response, scorer: ScorerDep) -> RankResponse:
     """Responses to one prompt, best first (best-of-n, GRPO groups)."""
-    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
-    result = await scorer.score(
-        [body.item(r) for r in body.responses],
-        truncate_response=body.truncate_response,
-        partial=True,
-        aggregate=aggregate,
-    )
-    scores = scorer.normalize(result.scores) if body.normalize else result.scores
-    spread = _Spread.of(result, scorer, body)
+    items = [body.item(r) for r in body.responses]
+    result, aggregate, scores = await _score(body, items, scorer, response, partial=True)
     # Stable: equal scores keep request order. Refused responses (NaN) are not ranked.
     order = [int(i) for i in np.argsort(-scores, kind="stable") if i not in result.refused]
     if body.top_k is not None:
         order = order[: body.top_k]
-    _, labels = _heads(result, scorer)
-    response.headers.update(result.timing_headers())
     return RankResponse(
-        model=scorer.manifest.model_name,
         ranking=[RankedResponse(index=i, score=float(scores[i])) for i in order],
-        scores=_optional(scores),
-        aggregate=aggregate.name,
-        std=_optional(spread.std),
-        members=spread.member_rows(result),
-        head_scores=_head_rows(result, scorer),
-        labels=labels,
-        truncated=result.truncated,
-        errors=_errors(result),
-        usage=Usage(tokens=result.tokens),
+        **_per_item_fields(body, scorer, result, aggregate, scores),
     )
 
 
 @router.post("/v1/compare", summary="Compare two responses", response_model_exclude_none=True)
 async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -> CompareResponse:
     """Both rewards and the Bradley-Terry probability that ``a`` is preferred."""
-    aggregate = scorer.aggregate_for(body.aggregate, body.uwo_lambda)
-    result = await scorer.score(
-        [body.item(body.a), body.item(body.b)],
-        truncate_response=body.truncate_response,
-        aggregate=aggregate,
-    )
+    items = [body.item(body.a), body.item(body.b)]
+    result, aggregate, scores = await _score(body, items, scorer, response, partial=False)
     raw_a, raw_b = float(result.scores[0]), float(result.scores[1])
-    scores = scorer.normalize(result.scores) if body.normalize else result.scores
     head_scores, labels = _heads(result, scorer)
     spread = _Spread.of(result, scorer, body)
-    response.headers.update(result.timing_headers())
     return CompareResponse(
         model=scorer.manifest.model_name,
         scores=scores.tolist(),
