@@ -167,11 +167,41 @@ _ITEM_ERRORS = Field(
 
 
 class Usage(BaseModel):
+    """What the request cost the model."""
+
     tokens: int = Field(description="Tokens the model read (special tokens included).")
 
 
 class ScoreRequest(EnsembleOptions):
-    model_config = _STRICT
+    """Items to score, each a (prompt, response) pair, a conversation whose last message is
+    the response, or text already rendered in the model's format."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"prompt": "How do I bake bread?", "response": "Knead, rise, bake."},
+                        {
+                            "messages": [
+                                {"role": "user", "content": "How do I bake bread?"},
+                                {"role": "assistant", "content": "Buy some."},
+                            ]
+                        },
+                    ]
+                },
+                {
+                    "items": [{"prompt": "Say hi.", "response": "Hi!"}],
+                    "normalize": True,
+                    "truncate_response": True,
+                    "aggregate": "uwo",
+                    "uwo_lambda": 1.0,
+                    "return_members": True,
+                },
+            ]
+        },
+    )
     items: list[ScoreItem] = Field(min_length=1, description="Items to score.")
     normalize: bool = Field(
         default=False, description="Return (score - mean) / std with the bundle's statistics."
@@ -192,6 +222,8 @@ _LABELS = Field(
 
 
 class ScoreResponse(BaseModel):
+    """The reward of every item, in request order, with what the server did to each."""
+
     model: str
     scores: list[float | None] = Field(
         description="The reward of each item, in order (the reward head, or the ensemble's "
@@ -208,6 +240,8 @@ class ScoreResponse(BaseModel):
 
 
 class _PromptedRequest(EnsembleOptions):
+    """Responses to one prompt: the prompt as a string or as the conversation before them."""
+
     model_config = _STRICT
     prompt: str | None = Field(default=None, description="The prompt as a string.")
     messages: list[ChatMessage] | None = Field(
@@ -229,16 +263,41 @@ class _PromptedRequest(EnsembleOptions):
 
 
 class RankRequest(_PromptedRequest):
+    """Candidate responses to one prompt, to rank best first (best-of-n, a GRPO group)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "How do I bake bread?",
+                    "responses": ["Knead, rise, bake.", "Buy some.", "I cannot help."],
+                    "top_k": 2,
+                },
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "How do I bake bread?"},
+                    ],
+                    "responses": ["Knead, rise, bake.", "Buy some."],
+                },
+            ]
+        },
+    )
     responses: list[str] = Field(min_length=1, description="Candidate responses to rank.")
     top_k: int | None = Field(default=None, ge=1, description="Return only the best k.")
 
 
 class RankedResponse(BaseModel):
+    """One response of the ranking."""
+
     index: int = Field(description="Position of the response in the request.")
     score: float
 
 
 class RankResponse(BaseModel):
+    """The responses best first, and every score in request order."""
+
     model: str
     ranking: list[RankedResponse] = Field(
         description="Best first; a response in errors is left out."
@@ -257,11 +316,23 @@ class RankResponse(BaseModel):
 
 
 class CompareRequest(_PromptedRequest):
+    """Two responses to one prompt: which one the model prefers, and how surely."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "How do I bake bread?", "a": "Knead, rise, bake.", "b": "Buy some."}
+            ]
+        },
+    )
     a: str = Field(description="First response.")
     b: str = Field(description="Second response.")
 
 
 class CompareResponse(BaseModel):
+    """Both rewards and the Bradley-Terry probability that ``a`` is preferred."""
+
     model: str
     scores: list[float] = Field(description="[score of a, score of b]")
     p_a_preferred: float = Field(
@@ -279,7 +350,17 @@ class CompareResponse(BaseModel):
 class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward model request (``--remote_rm_url .../get_reward``)."""
 
-    model_config = _LAX
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": ["Human: How do I bake bread?\n\nAssistant: Knead, rise, bake."],
+                    "prompts": ["Human: How do I bake bread?\n\nAssistant:"],
+                }
+            ]
+        },
+    )
     # Empty lists are valid: OpenRLHF shards each call over its --reward.remote_url servers,
     # and every server past the first gets [] when there are fewer queries than servers.
     query: list[str] = Field(description="Prompt + response, rendered by the trainer.")
@@ -299,6 +380,8 @@ class GetRewardRequest(BaseModel):
 
 
 class GetRewardResponse(BaseModel):
+    """OpenRLHF's answer shape: one reward per query (``rewards`` and ``scores`` alike)."""
+
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, Any] = Field(
@@ -335,7 +418,20 @@ class ClassifyRequest(BaseModel):
     """The subset of vLLM's /classify that verl sends, and vLLM's chat form (one conversation
     as ``messages``); other fields are ignored."""
 
-    model_config = _LAX
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"model": "rm", "input": ["Human: Hi\n\nAssistant: Hello!"]},
+                {
+                    "messages": [
+                        {"role": "user", "content": "How do I bake bread?"},
+                        {"role": "assistant", "content": "Knead, rise, bake."},
+                    ]
+                },
+            ]
+        },
+    )
     model: str | None = Field(default=None, description="Ignored: this server has one model.")
     # An empty list is refused (422) like an empty `items` or `query`, not answered with no data.
     input: str | Annotated[list[str], Field(min_length=1)] | None = Field(
@@ -405,6 +501,8 @@ class ClassifyRequest(BaseModel):
 
 
 class ClassifyData(BaseModel):
+    """One input's result, as vLLM answers it."""
+
     index: int
     label: str | None = None
     probs: list[float]
@@ -415,6 +513,8 @@ class ClassifyData(BaseModel):
 
 
 class ClassifyUsage(BaseModel):
+    """vLLM's usage block."""
+
     prompt_tokens: int
     total_tokens: int
     completion_tokens: int = 0
@@ -422,6 +522,8 @@ class ClassifyUsage(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    """vLLM's /classify answer, one entry of ``data`` per input."""
+
     id: str
     object: Literal["list"] = "list"
     created: int
@@ -431,6 +533,8 @@ class ClassifyResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The model served: OpenAI's model card with the bundle's manifest and what runs it."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -445,18 +549,26 @@ class ModelCard(BaseModel):
 
 
 class ModelsResponse(BaseModel):
+    """OpenAI-style model list (one model per server)."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 class HealthResponse(BaseModel):
+    """The process's state: ``ok``, ``ready``, ``loading`` or ``draining``."""
+
     status: str
 
 
 class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``type`` to branch on and a message for people."""
+
     type: str
     message: str
 
 
 class ErrorResponse(BaseModel):
+    """Every failure's body, whatever the route and status."""
+
     error: ErrorDetail

@@ -339,3 +339,27 @@ def test_routes_that_need_the_model_say_it_is_loading_with_retry_after(
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "1"
         assert "still loading" in response.json()["error"]["message"]
+
+
+def test_every_documented_request_example_is_answered(encoder_server: RunningServer) -> None:
+    """/docs shows a working body: each request schema's examples, posted to its route,
+    answer 200 (and every request schema of a scoring route has one)."""
+    spec = httpx.get(encoder_server.url + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    checked = 0
+    for path, operations in spec["paths"].items():
+        operation = operations.get("post")
+        if operation is None or "requestBody" not in operation:
+            continue
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schema = schemas[ref.rsplit("/", 1)[1]]
+        assert schema.get("description"), f"{path}: the request schema has no description"
+        examples = schema.get("examples") or [
+            {name: p["examples"][0] for name, p in schema["properties"].items() if "examples" in p}
+        ]
+        assert examples[0], f"{path}: no example body for /docs"
+        for example in examples:
+            r = httpx.post(encoder_server.url + path, json=example, timeout=30)
+            assert r.status_code == 200, (path, example, r.text)
+            checked += 1
+    assert checked >= 7  # score x2, rank x2, compare, get_reward, classify x2, slime
