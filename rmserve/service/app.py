@@ -29,6 +29,7 @@ from rmserve.manifest import Manifest
 from rmserve.service.auth import make_key_dependency
 from rmserve.service.batcher import Batcher
 from rmserve.service.errors import install_error_handlers
+from rmserve.service.loading import LoadedModel, load_model
 from rmserve.service.metrics import ServiceMetrics
 from rmserve.service.middleware import (
     AdmissionMiddleware,
@@ -37,7 +38,7 @@ from rmserve.service.middleware import (
 )
 from rmserve.service.routes import compat, meta, v1
 from rmserve.service.runtime import choose_batch_size
-from rmserve.service.scoring import LoadedModel, Scorer, load_model
+from rmserve.service.scoring import Scorer
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.state import ServiceState
 

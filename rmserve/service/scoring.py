@@ -1,4 +1,5 @@
-"""The scoring core shared by all routes: items -> tokens -> batcher -> rewards.
+"""The scoring core shared by all routes: items -> tokens -> batcher -> rewards (the model it
+scores with is loaded by :mod:`rmserve.service.loading`).
 
 It maps every way an item can fail to its HTTP answer (:class:`ApiError`) so the routes stay
 small: too many items 413, an item too long, a response that cannot fit or an item the text
@@ -17,82 +18,26 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.manifest import Manifest, load_bundle
 from rmserve.service.batcher import Batcher, BatcherClosedError, InferenceError, QueueFullError
 from rmserve.service.ensemble import Aggregate, AggregateName, member_rewards
 from rmserve.service.errors import ApiError
+from rmserve.service.loading import LoadedModel
 from rmserve.service.metrics import ServiceMetrics
-from rmserve.service.runtime import ModelRuntime
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.tokenization import (
     ItemInput,
     ItemRefusedError,
     ItemTooLongError,
-    RequestTokenizer,
     ResponseTooLongAtError,
 )
 
-__all__ = ["LoadedModel", "ScoreResult", "Scorer", "item_error", "load_model"]
+__all__ = ["ScoreResult", "Scorer", "item_error"]
 
 logger = logging.getLogger("rmserve.service.scoring")
-
-
-@dataclass
-class LoadedModel:
-    """A checked bundle with its ORT session and tokenizer, ready to serve."""
-
-    bundle_dir: Path
-    manifest: Manifest
-    runtime: ModelRuntime
-    tokenizer: RequestTokenizer
-
-    @property
-    def max_length(self) -> int:
-        """Tokens per item in force: the bundle's max_length or RMSERVE_MAX_LENGTH below it."""
-        return self.tokenizer.max_length
-
-    def close(self) -> None:
-        self.tokenizer.close()
-
-
-def check_bundle(settings: ServiceSettings) -> Manifest:
-    """Check the bundle of ``settings`` (manifest, file hashes, fit with the settings) without
-    loading the model; raises BundleError or ValueError naming the problem."""
-    if settings.bundle is None:
-        raise ValueError("no bundle given: pass BUNDLE to `rmserve serve` or set RMSERVE_BUNDLE")
-    manifest = load_bundle(settings.bundle)
-    settings.batch_token_budget(settings.item_max_length(manifest.max_length))
-    return manifest
-
-
-def load_model(settings: ServiceSettings, manifest: Manifest | None = None) -> LoadedModel:
-    """Load the bundle of ``settings`` (checked first unless ``manifest`` says it was);
-    raises BundleError, RuntimeConfigError or ValueError."""
-    if manifest is None:
-        manifest = check_bundle(settings)
-    assert settings.bundle is not None  # check_bundle refused a missing one
-    runtime = ModelRuntime(
-        settings.bundle,
-        manifest,
-        precision=settings.precision,
-        provider=settings.provider,
-        intra_op_threads=settings.intra_op_threads,
-        instances=settings.model_instances,
-        prefix_reuse=settings.prefix_reuse,
-    )
-    tokenizer = RequestTokenizer(
-        settings.bundle,
-        manifest,
-        max_item_chars=settings.max_item_chars,
-        threads=settings.tokenizer_threads,
-        max_length=settings.item_max_length(manifest.max_length),
-    )
-    return LoadedModel(settings.bundle, manifest, runtime, tokenizer)
 
 
 def item_error(e: ItemRefusedError) -> ApiError:

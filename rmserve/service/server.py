@@ -24,9 +24,9 @@ import uvicorn
 
 from rmserve.manifest import BundleError
 from rmserve.service.app import create_app
+from rmserve.service.loading import check_bundle
 from rmserve.service.logs import setup_logging
 from rmserve.service.runtime import RuntimeConfigError
-from rmserve.service.scoring import check_bundle
 from rmserve.service.settings import ServiceSettings
 from rmserve.service.state import ServiceState
 

@@ -143,7 +143,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
 def test_an_inference_error_fails_only_its_batch(
     tiny_encoder_bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from rmserve.service.scoring import load_model
+    from rmserve.service.loading import load_model
 
     # A 300 ms wait gathers the concurrent requests below into one batch.
     settings = settings_for(tiny_encoder_bundle, max_wait_ms=300.0, max_batch_size=64)

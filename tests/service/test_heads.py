@@ -480,7 +480,7 @@ def test_max_batch_tokens_follows_a_long_bundle(tmp_path: Path) -> None:
 
 
 def test_start_up_refuses_a_batch_budget_below_the_max_length(tmp_path: Path) -> None:
-    from rmserve.service.scoring import check_bundle
+    from rmserve.service.loading import check_bundle
 
     bundle = build_bundle(tmp_path / "b", max_length=64)
     with pytest.raises(ValueError, match="RMSERVE_MAX_BATCH_TOKENS") as info:
@@ -527,7 +527,7 @@ def test_a_model_that_disagrees_with_its_labels_is_refused_at_load(
     import shutil
 
     from rmserve.manifest import BundleError
-    from rmserve.service.scoring import load_model
+    from rmserve.service.loading import load_model
 
     bundle = tmp_path / "bundle"
     shutil.copytree(heads_bundle, bundle)
@@ -539,7 +539,7 @@ def test_a_model_that_disagrees_with_its_labels_is_refused_at_load(
 
 
 def test_a_model_answering_too_few_rows_fails_its_requests(heads_bundle: Path) -> None:
-    from rmserve.service.scoring import load_model
+    from rmserve.service.loading import load_model
 
     settings = settings_for(heads_bundle, max_wait_ms=50.0, warmup=False)
     model = load_model(settings)

@@ -22,8 +22,8 @@ import pytest
 
 from rmserve.manifest import load_bundle
 from rmserve.service.batcher import Batcher
+from rmserve.service.loading import load_model
 from rmserve.service.runtime import ModelRuntime
-from rmserve.service.scoring import load_model
 from rmserve.training.data import PreferenceExample
 from tests.service.conftest import RunningServer, serve_app, settings_for
 

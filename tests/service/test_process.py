@@ -204,7 +204,7 @@ def test_the_service_imports_neither_torch_nor_transformers() -> None:
     code = (
         "import sys\n"
         "import rmserve.service.app, rmserve.service.server, rmserve.service.commands\n"
-        "import argparse; from rmserve.service.scoring import load_model\n"
+        "import argparse; from rmserve.service.loading import load_model\n"
         "rmserve.service.commands.register(argparse.ArgumentParser().add_subparsers())\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
