@@ -40,6 +40,7 @@ stay whole, and a long prompt with short responses shares one row.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,7 +53,9 @@ __all__ = [
     "ShareMode",
     "common_prefix",
     "pack",
+    "prefix_groups",
     "reward_position",
+    "row_length",
 ]
 
 IdArray = npt.NDArray[np.int64]
@@ -126,36 +129,51 @@ def common_prefix(a: IdArray, b: IdArray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def prefix_groups(
+    sequences: Sequence[IdArray], joins: Callable[[int, list[int]], bool]
+) -> list[tuple[int, list[int]]]:
+    """(shared prefix length, indices) per group: the sequences in byte order, so that those
+    with a common prefix are neighbours, and a neighbour joins the current group while
+    ``joins(prefix, candidate indices)`` accepts it (``prefix`` > 0: the tokens the whole
+    candidate group shares). A lone sequence's shared length is 0. Used for the rows of
+    :func:`pack` and for the batcher's units, with their own rules."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tobytes())
+    groups: list[tuple[int, list[int]]] = []
+    shared, members = 0, [order[0]]
+    for previous, index in itertools.pairwise(order):
+        prefix = common_prefix(sequences[previous], sequences[index])
+        if len(members) > 1:
+            prefix = min(prefix, shared)
+        candidate = [*members, index]
+        if prefix > 0 and joins(prefix, candidate):
+            shared, members = prefix, candidate
+        else:
+            groups.append((shared if len(members) > 1 else 0, members))
+            shared, members = 0, [index]
+    groups.append((shared if len(members) > 1 else 0, members))
+    return groups
+
+
+def row_length(lengths: Iterable[int], shared: int) -> int:
+    """Tokens of a row holding items of ``lengths`` after their ``shared`` first tokens."""
+    return shared + sum(n - shared for n in lengths)
+
+
 def _rows(
     sequences: list[IdArray], share: ShareMode, token_cost: float
 ) -> list[tuple[int, list[int]]]:
     """(shared length, item indices) per row, by the rule of the module docstring."""
     if share == "never" or len(sequences) < 2:
         return [(0, [i]) for i in range(len(sequences))]
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tobytes())
-    rows: list[tuple[int, list[int]]] = []
-    shared, members = 0, [order[0]]
-    for previous, index in itertools.pairwise(order):
-        prefix = min(
-            common_prefix(sequences[previous], sequences[index]),
-            shared if len(members) > 1 else sequences[previous].shape[0],
-        )
-        candidate = [*members, index]
-        if prefix > 0 and (share == "always" or _saves(prefix, candidate, sequences, token_cost)):
-            shared, members = prefix, candidate
-        else:
-            rows.append((shared if len(members) > 1 else 0, members))
-            shared, members = 0, [index]
-    rows.append((shared if len(members) > 1 else 0, members))
-    return rows
 
-
-def _saves(prefix: int, members: list[int], sequences: list[IdArray], token_cost: float) -> bool:
     def cost(tokens: int) -> float:
         return token_cost * tokens + tokens * tokens
 
-    lengths = [int(sequences[i].shape[0]) for i in members]
-    return cost(prefix + sum(n - prefix for n in lengths)) <= sum(cost(n) for n in lengths)
+    def saves(prefix: int, members: list[int]) -> bool:
+        lengths = [int(sequences[i].shape[0]) for i in members]
+        return cost(row_length(lengths, prefix)) <= sum(cost(n) for n in lengths)
+
+    return prefix_groups(sequences, lambda p, m: share == "always" or saves(p, m))
 
 
 def pack(
@@ -174,7 +192,7 @@ def pack(
         raise ValueError("pack needs at least one sequence")
     plan = _rows(sequences, share, token_cost)
     width = max(
-        shared + sum(int(sequences[i].shape[0]) - shared for i in items) for shared, items in plan
+        row_length((int(sequences[i].shape[0]) for i in items), shared) for shared, items in plan
     )
     columns = max(len(items) for _, items in plan)
     shape = (len(plan), int(width))

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.packing import PackedBatch, common_prefix
+from rmserve.packing import PackedBatch, prefix_groups, row_length
 from rmserve.service.runtime import head_rows
 
 __all__ = [
@@ -386,23 +385,19 @@ class Batcher:
         part. A unit holds at most ``max_batch_size`` items within ``max_batch_tokens``."""
         if self._packed is None or len(pending) < 2:
             return [([item], item.length) for item in pending]
-        ordered = sorted(pending, key=lambda item: item.ids.tobytes())
-        units: list[tuple[list[_Item], int]] = []
-        group, shared, longest = [ordered[0]], ordered[0].length, ordered[0].length
-        for previous, item in itertools.pairwise(ordered):
-            prefix = min(shared, common_prefix(previous.ids, item.ids))
-            row = prefix + sum(i.length - prefix for i in group) + item.length - prefix
-            if (
-                2 * prefix >= max(longest, item.length)
-                and len(group) < self.max_batch_size
-                and row <= self.max_batch_tokens
-            ):
-                group.append(item)
-                shared, longest = prefix, max(longest, item.length)
-                continue
-            units.append(_unit(group, shared))
-            group, shared, longest = [item], item.length, item.length
-        units.append(_unit(group, shared))
+
+        def joins(prefix: int, members: list[int]) -> bool:
+            lengths = [pending[i].length for i in members]
+            return (
+                2 * prefix >= max(lengths)
+                and len(members) <= self.max_batch_size
+                and row_length(lengths, prefix) <= self.max_batch_tokens
+            )
+
+        units = []
+        for shared, members in prefix_groups([item.ids for item in pending], joins):
+            items = [pending[i] for i in members]
+            units.append((items, row_length((item.length for item in items), shared)))
         return units
 
     async def _run(self, batch: list[_Item], instance: int) -> None:
@@ -494,13 +489,6 @@ class Batcher:
             input_ids[row, : ids.shape[0]] = ids
         attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
         return input_ids, attention_mask
-
-
-def _unit(items: list[_Item], shared: int) -> tuple[list[_Item], int]:
-    """A unit of :meth:`Batcher._units` and its row length."""
-    if len(items) == 1:
-        return items, items[0].length
-    return items, shared + sum(item.length - shared for item in items)
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:
