@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from rmserve import __version__
@@ -244,9 +245,7 @@ def _graph_parity(
 ) -> list[float]:
     """Max |torch - ORT| of each output (one per head or member) over one right-padded
     batch of all rows at once (mixed lengths)."""
-    input_ids, mask = pad_batch(rows, pad_token_id)
-    with torch.no_grad():
-        expected = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+    input_ids, mask, expected = _torch_rewards(wrapper, rows, pad_token_id)
     actual = scorer(input_ids, mask)
     gaps = np.abs(expected.astype(np.float64) - actual.astype(np.float64))  # (B,) or (B, K)
     per_output = [float(x) for x in gaps.reshape(len(rows), -1).max(axis=0)]  # (K,)
@@ -259,6 +258,17 @@ def _graph_parity(
             "checkpoint does"
         )
     return per_output
+
+
+def _torch_rewards(
+    wrapper: torch.nn.Module, rows: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """One right-padded batch of ``rows`` (ids, mask) and the wrapper's rewards for it in
+    torch: the reference the exported graphs are checked against."""
+    input_ids, mask = pad_batch(rows, pad_token_id)
+    with torch.no_grad():
+        rewards = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+    return input_ids, mask, rewards
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
@@ -735,9 +745,7 @@ def _packed_graphs(
     shared = share_weights(staging / VARIANT_FILES[plan.dtype], base)
     step(f"packed graph reads {shared / 1e6:.1f} MB of weights from the plain graph's data file")
     skip = plan.model.config.pad_token_id
-    input_ids, mask = pad_batch(rows, plan.pad_token_id)
-    with torch.no_grad():
-        whole = wrapper(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+    input_ids, mask, whole = _torch_rewards(wrapper, rows, plan.pad_token_id)
     files: dict[str, str] = {}
     diffs: dict[str, float] = {}
     precisions = [plan.dtype, *(["fp16"] if "fp16" in plan.extra_variants else [])]
