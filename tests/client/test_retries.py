@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-from client_servers import Reply, ScriptedServer, score_reply
-from conftest import ClientFactory
 
 from rmserve.client import (
     APIConnectionError,
@@ -29,6 +27,8 @@ from rmserve.client import (
     RewardClient,
 )
 from rmserve.client._retry import RetryPolicy, parse_retry_after
+from tests.client.client_servers import Reply, ScriptedServer, score_reply
+from tests.client.conftest import ClientFactory
 
 Factory = Callable[..., ScriptedServer]
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from client_servers import API_KEY
 
 from rmserve.client import (
     AsyncRewardClient,
@@ -28,6 +27,7 @@ from rmserve.client import (
     trl_reward_func,
 )
 from rmserve.formatting import messages_from_pair, render
+from tests.client.client_servers import API_KEY
 
 PROMPTS = [
     "How do I bake bread?",

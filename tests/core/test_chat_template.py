@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import model_zoo
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import ChatTemplateFormat, FormattingError, render, render_text
 from rmserve.training.text_path import choose_text_format
+from tests import model_zoo
 
 TEMPLATE_FAMILIES = [f for f in model_zoo.FAMILIES if f != "raising"]
 MAX_LENGTH = 100_000  # no truncation here: transformers' path does not truncate

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import model_zoo
 import pytest
 import torch
 from hypothesis import given, settings
@@ -28,6 +27,8 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+
+from tests import model_zoo
 
 CONVERSATION: list[dict[str, str]] = [
     {"role": "user", "content": "How do I boil an egg?"},

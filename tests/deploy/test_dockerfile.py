@@ -22,8 +22,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from dockerfile_model import Stage, exec_form, parse_dockerfile
 from packaging.requirements import Requirement
+
+from tests.deploy.dockerfile_model import Stage, exec_form, parse_dockerfile
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

@@ -1,13 +1,12 @@
 """k8s/: every overlay renders, validates offline, and keeps the deployment's invariants.
 
-Rendering uses kustomize_lite (a small exact subset of kustomize, in this directory); where
-kubectl or kustomize is installed, test_renderer_matches_kustomize checks that both produce
-the same objects. Built-in kinds are validated with ``kubernetes-validate --strict`` (its
-Python API) against the oldest Kubernetes the manifests support and the newest it knows. The
-ServiceMonitor is a CRD (monitoring.coreos.com/v1) that kubernetes-validate has no schema for
-(it raises SchemaNotFoundError, which its CLI prints as a mere warning), so it is validated
-here against SERVICE_MONITOR_SCHEMA: the subset of the Prometheus Operator's CRD schema for
-the fields the manifests use, strict in the same way (no unknown properties).
+Rendering uses the real kustomize (tests/deploy/kustomize.py). Built-in kinds are validated
+with ``kubernetes-validate --strict`` (its Python API) against the oldest Kubernetes the
+manifests support and the newest it knows. The ServiceMonitor is a CRD
+(monitoring.coreos.com/v1) that kubernetes-validate has no schema for (it raises
+SchemaNotFoundError, which its CLI prints as a mere warning), so it is validated here
+against SERVICE_MONITOR_SCHEMA: the subset of the Prometheus Operator's CRD schema for the
+fields the manifests use, strict in the same way (no unknown properties).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from dockerfile_model import exec_form, parse_dockerfile
-from kustomize_lite import object_id, render
+
+from tests.deploy.dockerfile_model import exec_form, parse_dockerfile
+from tests.deploy.kustomize import render
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -159,30 +158,6 @@ def _container(rendered: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any
     containers = _deployment(rendered)["spec"]["template"]["spec"]["containers"]
     (container,) = [c for c in containers if c["name"] == "rmserve"]
     return container
-
-
-def _kustomize_command() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
-
-
-def test_renderer_matches_kustomize(variant: str, scratch: Path) -> None:
-    command = _kustomize_command()
-    if command is None:
-        pytest.skip("neither kustomize nor kubectl is installed; kustomize_lite renders alone")
-    directory = _render_variant(variant, scratch)
-    result = subprocess.run(
-        [*command, str(directory)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    theirs = {object_id(obj): obj for obj in yaml.safe_load_all(result.stdout) if obj}
-    ours = {object_id(obj): obj for obj in render(directory)}
-    assert sorted(ours) == sorted(theirs)
-    for key, obj in ours.items():
-        assert obj == theirs[key], f"{key} differs from {' '.join(command)}"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -774,10 +749,7 @@ def _documented_metrics_patch() -> dict[str, Any]:
 
 def test_documented_metrics_namespace_patch(scratch: Path) -> None:
     """The docs' patch for Prometheus in another namespace replaces the monitoring rule only
-    (kustomize replaces the atomic `ingress` list; kustomize_lite does not patch it)."""
-    command = _kustomize_command()
-    if command is None:
-        pytest.skip("neither kustomize nor kubectl is installed")
+    (kustomize replaces the atomic `ingress` list)."""
     patch = _documented_metrics_patch()
     (rule,) = patch["spec"]["ingress"]
     (peer,) = rule["from"]
@@ -792,15 +764,7 @@ def test_documented_metrics_namespace_patch(scratch: Path) -> None:
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources:\n  - ../cpu\npatches:\n  - path: networkpolicy-metrics.yaml\n"
     )
-    result = subprocess.run(
-        [*command, str(overlay)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    patched = {
-        (obj["kind"], obj["metadata"]["name"]): obj
-        for obj in yaml.safe_load_all(result.stdout)
-        if obj
-    }
+    patched = {(obj["kind"], obj["metadata"]["name"]): obj for obj in render(overlay)}
     base = {(obj["kind"], obj["metadata"]["name"]): obj for obj in render(K8S / "overlays" / "cpu")}
     key = ("NetworkPolicy", "rmserve-clients")
     assert patched[key] == base[key]

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from kustomize_lite import render
+
+from tests.deploy.kustomize import render
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 import pytest
-from dockerfile_model import exec_form, parse_dockerfile
-from kustomize_lite import render
+
+from tests.deploy.dockerfile_model import exec_form, parse_dockerfile
+from tests.deploy.kustomize import render
 
 REPO = Path(__file__).resolve().parents[2]
 

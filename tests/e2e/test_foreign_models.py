@@ -13,23 +13,19 @@ function) against the model card's snippet run in transformers on the same conve
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import model_zoo
 import numpy as np
 import pytest
-
-# The loopback server helper of the client tests (tests/ has no packages yet: issue 14).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-from client_servers import start_service
 
 from rmserve.client import RewardClient, trl_reward_func
 from rmserve.formatting import ChatTemplateFormat, TextPairFormat
 from rmserve.manifest import load_bundle
+from tests import model_zoo
+from tests.client.client_servers import start_service
 
 pytestmark = pytest.mark.slow
 

@@ -9,19 +9,16 @@ score conversations as transformers does.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-import model_zoo
 import pytest
 
 from rmserve.cli import main
 from rmserve.manifest import BundleError, load_bundle
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-from client_servers import start_service
+from tests import model_zoo
+from tests.client.client_servers import start_service
 
 pytestmark = pytest.mark.slow
 

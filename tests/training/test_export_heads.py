@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import model_zoo
 import numpy as np
 import pytest
 
@@ -20,6 +19,7 @@ from rmserve.formatting import render
 from rmserve.manifest import MANIFEST_NAME, load_bundle
 from rmserve.training.export import ExportError, export_bundle
 from rmserve.training.scoring import onnx_scorer, pad_batch
+from tests import model_zoo
 
 CONVERSATIONS = [
     [

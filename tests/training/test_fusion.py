@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import model_zoo
 import numpy as np
 import pytest
 
@@ -20,6 +19,7 @@ from rmserve.formatting import messages_from_pair, render
 from rmserve.manifest import load_bundle
 from rmserve.training.export import export_bundle
 from rmserve.training.scoring import onnx_scorer, pad_batch
+from tests import model_zoo
 
 FUSED_OPS = {"MultiHeadAttention", "SkipSimplifiedLayerNormalization"}
 
