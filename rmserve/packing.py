@@ -53,6 +53,7 @@ __all__ = [
     "ShareMode",
     "common_prefix",
     "pack",
+    "pad_batch",
     "prefix_groups",
     "reward_position",
     "row_length",
@@ -109,6 +110,20 @@ class PackedBatch:
             )
         picked: npt.NDArray[np.float32] = out[self.slots[:, 0], self.slots[:, 1]]
         return picked
+
+
+def pad_batch(
+    rows: Sequence[Sequence[int] | IdArray], pad_token_id: int
+) -> tuple[IdArray, IdArray]:
+    """The plain graph's inputs: (input_ids, attention_mask), both (B, T) int64, every row
+    right-padded with ``pad_token_id`` to the longest (used by the batcher and by export)."""
+    lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+    attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return input_ids, attention_mask
 
 
 def reward_position(ids: IdArray, skip_token_id: int | None) -> int:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from rmserve.packing import PackedBatch, prefix_groups, row_length
+from rmserve.packing import PackedBatch, pad_batch, prefix_groups, row_length
 from rmserve.service.runtime import head_rows
 
 __all__ = [
@@ -466,7 +466,7 @@ class Batcher:
             padded, shared = packed.padded_tokens, packed.shared_tokens
             scores = head_rows(scores, len(sequences), self.num_heads)
         else:
-            input_ids, attention_mask = self._padded(sequences)
+            input_ids, attention_mask = pad_batch(sequences, self.pad_token_id)
             padded, shared = int(input_ids.size), 0
             out = self._infers[instance](input_ids, attention_mask)
             scores = head_rows(out, len(sequences), self.num_heads)  # (B, K)
@@ -479,16 +479,6 @@ class Batcher:
             shared_tokens=shared,
         )
         return scores, stats
-
-    def _padded(self, sequences: list[IdArray]) -> tuple[IdArray, IdArray]:
-        """(B, T) ids right-padded with ``pad_token_id`` to the longest item, and the mask."""
-        lengths = np.fromiter((s.shape[0] for s in sequences), dtype=np.int64, count=len(sequences))
-        longest = int(lengths.max())
-        input_ids = np.full((len(sequences), longest), self.pad_token_id, dtype=np.int64)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : ids.shape[0]] = ids
-        attention_mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
-        return input_ids, attention_mask
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:

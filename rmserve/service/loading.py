@@ -1,6 +1,6 @@
 """Loading a bundle for serving: the manifest checked, the ONNX Runtime session and the request
 tokenizer made, as one :class:`LoadedModel` (the request pipeline is
-:mod:`rmserve.service.scoring`)."""
+:mod:`rmserve.service.pipeline`)."""
 
 from __future__ import annotations
 

@@ -239,43 +239,8 @@ class ModelRuntime:
         self.token_cost = manifest.packed.token_cost if manifest.packed else 0.0
         self.path = Path(bundle_dir) / packed_files.get(self.precision, variant.file)
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Each instance runs one batch at a time, with its own threads.
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        # ORT's idle threads spin by default; here the event loop and the tokenizer threads
-        # need the same cores between batches, so idle ORT threads sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list[Any] = [ORT_PROVIDERS["cpu"]]
-        if self.provider == "cuda":
-            providers = [(ORT_PROVIDERS["cuda"], {"device_id": 0}), ORT_PROVIDERS["cpu"]]
-        try:
-            self.sessions = [
-                ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-                for _ in range(instances)
-            ]
-        except Exception as e:  # ORT raises its own untyped errors for broken models
-            raise BundleError(f"{self.path} cannot be loaded by onnxruntime: {e}") from e
-        first = self.sessions[0]
-        active = first.get_providers()
-        if self.provider == "cuda" and ORT_PROVIDERS["cuda"] not in active:
-            raise RuntimeConfigError(
-                f"onnxruntime could not start the CUDA provider (active: {active}); check the "
-                "CUDA/cuDNN libraries, or use --provider cpu"
-            )
-        names = [i.name for i in first.get_inputs()]
-        expected = PACKED_INPUTS if self.packed else INPUT_NAMES
-        if sorted(names) != sorted(expected):
-            raise BundleError(
-                f"{self.path} has inputs {names}; this graph must take exactly "
-                f"{list(expected)}; export the bundle again"
-            )
-        outputs = {o.name: o for o in first.get_outputs()}
-        output = outputs.get(OUTPUT_NAME, first.get_outputs()[0])
-        check_output_shape(list(output.shape), manifest, self.path, packed=self.packed)
-        self.output_name = output.name
+        self.sessions = _open_sessions(self.path, self.provider, instances, intra_op_threads)
+        self.output_name = _checked_output(self.sessions[0], manifest, self.path, self.packed)
         self.num_heads = manifest.num_heads
         self.info = RuntimeInfo(
             model=manifest.model_name,
@@ -293,7 +258,7 @@ class ModelRuntime:
                 "precision": self.precision,
                 "provider": self.provider,
                 "file": str(self.path),
-                "ort_providers": active,
+                "ort_providers": self.sessions[0].get_providers(),
                 "instances": instances,
                 "intra_op_threads": intra_op_threads,
                 "prefix_reuse": self.packed,
@@ -360,3 +325,51 @@ class ModelRuntime:
                 mask = np.ones((batch, seq), dtype=np.int64)
                 self.run(ids, mask, instance)
         return time.perf_counter() - started
+
+
+def _open_sessions(path: Path, provider: str, instances: int, intra_op_threads: int) -> list[Any]:
+    """``instances`` ORT sessions of the graph at ``path``, each running one batch at a time
+    with its own ``intra_op_threads``; refuses a CUDA provider that did not start."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    # ORT's idle threads spin by default; here the event loop and the tokenizer threads
+    # need the same cores between batches, so idle ORT threads sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers: list[Any] = [ORT_PROVIDERS["cpu"]]
+    if provider == "cuda":
+        providers = [(ORT_PROVIDERS["cuda"], {"device_id": 0}), ORT_PROVIDERS["cpu"]]
+    try:
+        sessions = [
+            ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            for _ in range(instances)
+        ]
+    except Exception as e:  # ORT raises its own untyped errors for broken models
+        raise BundleError(f"{path} cannot be loaded by onnxruntime: {e}") from e
+    active = sessions[0].get_providers()
+    if provider == "cuda" and ORT_PROVIDERS["cuda"] not in active:
+        raise RuntimeConfigError(
+            f"onnxruntime could not start the CUDA provider (active: {active}); check the "
+            "CUDA/cuDNN libraries, or use --provider cpu"
+        )
+    return sessions
+
+
+def _checked_output(session: Any, manifest: Manifest, path: Path, packed: bool) -> str:
+    """The name of the graph's reward output, once its inputs and output shape are what the
+    runtime feeds and reads."""
+    names = [i.name for i in session.get_inputs()]
+    expected = PACKED_INPUTS if packed else INPUT_NAMES
+    if sorted(names) != sorted(expected):
+        raise BundleError(
+            f"{path} has inputs {names}; this graph must take exactly "
+            f"{list(expected)}; export the bundle again"
+        )
+    outputs = {o.name: o for o in session.get_outputs()}
+    output = outputs.get(OUTPUT_NAME, session.get_outputs()[0])
+    check_output_shape(list(output.shape), manifest, path, packed=packed)
+    return str(output.name)

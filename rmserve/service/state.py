@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from rmserve.service.errors import ApiError
 from rmserve.service.loading import LoadedModel
 from rmserve.service.metrics import ServiceMetrics
-from rmserve.service.scoring import Scorer
+from rmserve.service.pipeline import Scorer
 from rmserve.service.settings import ServiceSettings
 
 __all__ = ["ScorerDep", "ServiceState", "StateDep", "get_scorer", "get_state", "still_loading"]

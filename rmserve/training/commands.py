@@ -159,64 +159,21 @@ def _register_export(subparsers: Subparsers) -> None:
     export.add_argument(
         "checkpoint", metavar="MODEL", help="checkpoint folder or hub id of the reward model"
     )
-    export.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
-    export.add_argument("--int8", action="store_true", help="add model.int8.onnx (CPU serving)")
-    export.add_argument("--fp16", action="store_true", help="add model.fp16.onnx (GPU serving)")
-    export.add_argument(
-        "--eval-data",
-        help="pairs for the evaluation section and the int8/fp16 checks "
-        "(default: the eval set recorded at training)",
-    )
-    export.add_argument(
-        "--skip-malformed", action="store_true", help="skip malformed eval rows and count them"
-    )
-    export.add_argument(
-        "--max-length", type=int, help="serving max length (default: the training value)"
-    )
-    export.add_argument("--model-name", help="model name in the manifest (default: BUNDLE name)")
-    export.add_argument(
-        "--exporter",
-        choices=["torchscript", "dynamo", "fused"],
-        default="torchscript",
-        help="torch.onnx exporter: TorchScript (fast, default), torch.export (dynamo), or "
-        "dynamo with ONNX Runtime's fused attention and RMS-norm operators (fused: "
-        "faster decoders)",
-    )
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    export.add_argument(
-        "--no-packed",
-        dest="packed",
-        action="store_false",
-        help="decoders: leave out model.packed.onnx, the graph that scores responses sharing "
-        "a prompt with the prompt computed once (the service then scores every item whole)",
-    )
-    export.add_argument(
-        "--text-format",
-        choices=["auto", "chat_template", "text_pair", "transcript"],
-        default="auto",
-        help="how conversations become text: auto = what rmserve training used, else the "
-        "tokenizer's chat template, else tokenizer(question, answer) for an encoder that "
-        "encodes pairs, else the HH transcript",
-    )
-    export.add_argument(
-        "--head-name",
-        metavar="PREFIX",
-        help="checkpoint weights holding the reward head, mapped onto the model's head "
-        "(value_head and TRL's v_head.summary are recognised without it)",
-    )
-    export.add_argument(
-        "--reward-head",
-        default="0",
-        help="for a model with several outputs, the one /v1/score returns as scores: an "
-        "index or a label of config.id2label",
-    )
-    export.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own Python code from the hub (its "
-        "AutoModelForSequenceClassification class); only for models you trust",
-    )
-    export.add_argument(
+    _export_output_arguments(export)
+    _export_graph_arguments(export)
+    _export_model_arguments(export)
+    _export_check_arguments(export)
+    export.set_defaults(func=run_export)
+
+
+def _export_output_arguments(export: argparse.ArgumentParser) -> None:
+    """What the bundle holds and where it goes."""
+    group = export.add_argument_group("the bundle")
+    group.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
+    group.add_argument("--model-name", help="model name in the manifest (default: BUNDLE name)")
+    group.add_argument("--int8", action="store_true", help="add model.int8.onnx (CPU serving)")
+    group.add_argument("--fp16", action="store_true", help="add model.fp16.onnx (GPU serving)")
+    group.add_argument(
         "--dtype",
         choices=["fp32", "fp16"],
         default="fp32",
@@ -224,8 +181,76 @@ def _register_export(subparsers: Subparsers) -> None:
         "precision without a full fp32 copy (half the memory; a bundle for CUDA, checked "
         "against torch in fp16 to 2e-2)",
     )
-    export.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    export.add_argument(
+    group.add_argument(
+        "--no-packed",
+        dest="packed",
+        action="store_false",
+        help="decoders: leave out model.packed.onnx, the graph that scores responses sharing "
+        "a prompt with the prompt computed once (the service then scores every item whole)",
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _export_graph_arguments(export: argparse.ArgumentParser) -> None:
+    """How the model becomes an ONNX graph."""
+    group = export.add_argument_group("the graph")
+    group.add_argument(
+        "--exporter",
+        choices=["torchscript", "dynamo", "fused"],
+        default="torchscript",
+        help="torch.onnx exporter: TorchScript (fast, default), torch.export (dynamo), or "
+        "dynamo with ONNX Runtime's fused attention and RMS-norm operators (fused: "
+        "faster decoders)",
+    )
+    group.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    group.add_argument(
+        "--max-length", type=int, help="serving max length (default: the training value)"
+    )
+
+
+def _export_model_arguments(export: argparse.ArgumentParser) -> None:
+    """How conversations become tokens, and which output is the reward."""
+    group = export.add_argument_group("the model's text path and heads")
+    group.add_argument(
+        "--text-format",
+        choices=["auto", "chat_template", "text_pair", "transcript"],
+        default="auto",
+        help="how conversations become text: auto = what rmserve training used, else the "
+        "tokenizer's chat template, else tokenizer(question, answer) for an encoder that "
+        "encodes pairs, else the HH transcript",
+    )
+    group.add_argument(
+        "--head-name",
+        metavar="PREFIX",
+        help="checkpoint weights holding the reward head, mapped onto the model's head "
+        "(value_head and TRL's v_head.summary are recognised without it)",
+    )
+    group.add_argument(
+        "--reward-head",
+        default="0",
+        help="for a model with several outputs, the one /v1/score returns as scores: an "
+        "index or a label of config.id2label",
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code from the hub (its "
+        "AutoModelForSequenceClassification class); only for models you trust",
+    )
+
+
+def _export_check_arguments(export: argparse.ArgumentParser) -> None:
+    """The eval pairs of the int8/fp16 checks and their bounds."""
+    group = export.add_argument_group("checks")
+    group.add_argument(
+        "--eval-data",
+        help="pairs for the evaluation section and the int8/fp16 checks "
+        "(default: the eval set recorded at training)",
+    )
+    group.add_argument(
+        "--skip-malformed", action="store_true", help="skip malformed eval rows and count them"
+    )
+    group.add_argument(
         "--min-agreement",
         type=float,
         default=0.99,
@@ -233,14 +258,13 @@ def _register_export(subparsers: Subparsers) -> None:
         "wins) must equal fp32's; lower it only knowingly: the measured value is recorded in "
         "rmserve.json either way",
     )
-    export.add_argument(
+    group.add_argument(
         "--max-accuracy-drop",
         type=float,
         default=0.01,
         help="int8/fp16 checks: most eval accuracy (a fraction: 0.01 = 1 point) a variant may "
         "lose against fp32",
     )
-    export.set_defaults(func=run_export)
 
 
 class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):

@@ -100,7 +100,7 @@ from rmserve.training.pairs import (
     score_pairs,
 )
 from rmserve.training.quantize import QuantizationError, quantize_int8
-from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
+from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch, reward_normalization
 from rmserve.training.text_path import (
     TextFormatChoice,
     certificate_conversations,
@@ -506,66 +506,28 @@ def _plan(
 ) -> _Plan:
     """Load the checkpoint and decide the text path, the length and the heads."""
     info = TrainingInfo.read(source) if Path(source).is_dir() else None
+    ensemble = info.ensemble if info else None
     step(f"loading {source} ({dtype})")
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    ensemble = info.ensemble if info else None
-    # An ensemble of independent models: one checkpoint per member, in folders of source.
-    member_dirs = ensemble.member_dirs if ensemble else ()
-    loaded_models = []
-    try:
-        for where in [str(Path(source) / d) for d in member_dirs] or [source]:
-            loaded = load_checkpoint(
-                where, head_name=head_name, trust_remote_code=trust_remote_code, dtype=torch_dtype
-            )
-            loaded_models.append(loaded.model)
-    except HeadError as e:
-        raise ExportError(str(e)) from e
-    for loaded_model in loaded_models:
-        # eval mode: dropout off (the traced graph keeps whatever mode it sees)
-        loaded_model.train(False)
-    model = loaded_models[0]
-    members = tuple(loaded_models) if member_dirs else ()
+    models, mapped_from = _load_models(source, ensemble, dtype, head_name, trust_remote_code)
+    model = models[0]
+    members = models if ensemble and ensemble.member_dirs else ()
     kind, pooling = architecture_of(model)
-    labels = ensemble_labels(len(members)) if members else _labels(model.config)
-    if ensemble is not None and labels != ensemble_labels(ensemble.members):
-        raise ExportError(
-            f"{source}/rmserve_training.json records an ensemble of {ensemble.members} members "
-            f"but the model's outputs are {list(labels)}; train the ensemble again"
-        )
+    labels = _output_labels(source, model, members, ensemble)
     why = "given"
     if text_format is None:
-        try:
-            text_format, why = choose_text_format(
-                text_format_choice, tokenizer, kind, info.text_format if info else None
-            )
-        except ValueError as e:
-            raise ExportError(str(e)) from e
-    length = max_length or (info.max_length if info else None)
-    length = length or default_max_length(model, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and length > positions:
-        raise ExportError(
-            f"--max-length {length} exceeds the {positions} positions of {source}; pass "
-            f"--max-length {positions} or less"
-        )
-    head_note = f", head mapped from {loaded.mapped_from}" if loaded.mapped_from else ""
+        text_format, why = _choose_format(text_format_choice, tokenizer, kind, info)
+    length = _max_length(
+        source, model, tokenizer, max_length or (info.max_length if info else None)
+    )
+    head_note = f", head mapped from {mapped_from}" if mapped_from else ""
     step(
         f"{kind} {model.config.model_type}, {model.num_parameters():,} parameters, "
         f"{len(labels)} {'members' if ensemble else 'head(s)'}{head_note}; text format: {why}; "
         f"max_length {length}"
     )
-    if extra_variants and eval_pairs is None and info is not None and info.eval_data:
-        from rmserve.training.data import read_examples
-
-        eval_data = info.eval_data
-        eval_pairs = read_examples(eval_data).examples
-    if extra_variants and not eval_pairs:
-        raise ExportError(
-            "the int8/fp16 checks compare pairwise decisions with fp32 on eval pairs, and none "
-            "were given; pass --eval-data FILE (or train with --eval-data so that the "
-            "checkpoint records it)"
-        )
+    if extra_variants:
+        eval_pairs, eval_data = _pairs_for_checks(eval_pairs, eval_data, info)
     return _Plan(
         source=source,
         tokenizer=tokenizer,
@@ -591,6 +553,85 @@ def _plan(
     )
 
 
+def _load_models(
+    source: str,
+    ensemble: EnsembleInfo | None,
+    dtype: Literal["fp32", "fp16"],
+    head_name: str | None,
+    trust_remote_code: bool,
+) -> tuple[tuple[Any, ...], str | None]:
+    """The model, or each member of an ensemble of independent models (one checkpoint per
+    member, in folders of ``source``), in eval mode; and where the head was mapped from."""
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    member_dirs = ensemble.member_dirs if ensemble else ()
+    models = []
+    try:
+        for where in [str(Path(source) / d) for d in member_dirs] or [source]:
+            loaded = load_checkpoint(
+                where, head_name=head_name, trust_remote_code=trust_remote_code, dtype=torch_dtype
+            )
+            # eval mode: dropout off (the traced graph keeps whatever mode it sees)
+            loaded.model.train(False)
+            models.append(loaded.model)
+    except HeadError as e:
+        raise ExportError(str(e)) from e
+    return tuple(models), loaded.mapped_from
+
+
+def _output_labels(
+    source: str, model: Any, members: tuple[Any, ...], ensemble: EnsembleInfo | None
+) -> tuple[str, ...]:
+    labels = ensemble_labels(len(members)) if members else _labels(model.config)
+    if ensemble is not None and labels != ensemble_labels(ensemble.members):
+        raise ExportError(
+            f"{source}/rmserve_training.json records an ensemble of {ensemble.members} members "
+            f"but the model's outputs are {list(labels)}; train the ensemble again"
+        )
+    return labels
+
+
+def _choose_format(
+    choice: TextFormatChoice, tokenizer: Any, kind: str, info: TrainingInfo | None
+) -> tuple[AnyTextFormat, str]:
+    try:
+        return choose_text_format(choice, tokenizer, kind, info.text_format if info else None)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+
+
+def _max_length(source: str, model: Any, tokenizer: Any, asked: int | None) -> int:
+    """``asked`` (the option, else what training used), else what the model supports; never
+    more than the model's positions."""
+    length = asked or default_max_length(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise ExportError(
+            f"--max-length {length} exceeds the {positions} positions of {source}; pass "
+            f"--max-length {positions} or less"
+        )
+    return length
+
+
+def _pairs_for_checks(
+    eval_pairs: Sequence[PreferenceExample] | None,
+    eval_data: str | None,
+    info: TrainingInfo | None,
+) -> tuple[Sequence[PreferenceExample], str | None]:
+    """The eval pairs of the int8/fp16 decision checks: those given, else training's eval set."""
+    if eval_pairs is None and info is not None and info.eval_data:
+        from rmserve.training.data import read_examples
+
+        eval_data = info.eval_data
+        eval_pairs = read_examples(eval_data).examples
+    if not eval_pairs:
+        raise ExportError(
+            "the int8/fp16 checks compare pairwise decisions with fp32 on eval pairs, and none "
+            "were given; pass --eval-data FILE (or train with --eval-data so that the "
+            "checkpoint records it)"
+        )
+    return eval_pairs, eval_data
+
+
 def _write_bundle(
     staging: Path, plan: _Plan, checks: _Checks, step: Callable[[str], None]
 ) -> Manifest:
@@ -601,47 +642,21 @@ def _write_bundle(
     )
     graph = staging / VARIANT_FILES[plan.dtype]
     wrapper = _wrapper(plan)
-    step(f"tracing the model to ONNX ({plan.exporter} exporter, opset {plan.opset})")
-    fusions = export_onnx(wrapper, graph, exporter=plan.exporter, opset=plan.opset)
-    if plan.exporter == "fused":
-        applied = ", ".join(f"{name} {count}" for name, count in sorted(fusions.items()))
-        step(f"fused for onnxruntime: {applied or 'nothing matched (the graph is unchanged)'}")
-
+    _export_graph(wrapper, graph, plan, step)
     step(f"{plan.dtype} parity: torch against onnxruntime on a padded batch of mixed lengths")
-    rows = _parity_texts(encoder, plan.text_format)
     encoded = (
         encode_examples(plan.eval_pairs, encoder, plan.text_format) if plan.eval_pairs else None
     )
-    if encoded is not None:
-        # A slice of real eval texts joins the synthetic ones: real lengths, real vocabulary.
-        rows += encoded.ids[:: max(1, len(encoded.ids) // 16)]
+    rows = _check_rows(encoder, plan.text_format, encoded)
     scorer = _graph_scorer(graph, plan.dtype)
     per_output = _graph_parity(
         wrapper, scorer, rows, plan.pad_token_id, checks.tolerance, plan.dtype
     )
     parity: dict[str, dict[str, float]] = {plan.dtype: {"max_abs_diff": max(per_output)}}
-
     step("text-path parity: conversations through the bundle against transformers")
-    conversations = certificate_conversations(
-        [_conversation(e) for e in plan.eval_pairs] if plan.eval_pairs else []
-    )
-    try:
-        certificate = certify_text_path(
-            conversations,
-            text_format=plan.text_format,
-            encoder=encoder,
-            tokenizer=plan.tokenizer,
-            model=_certified_model(plan),
-            scorer=scorer,
-            pad_token_id=plan.pad_token_id,
-            tolerance=checks.tolerance,
-        )
-    except ValueError as e:
-        raise ExportError(str(e)) from e
-    parity[plan.dtype] |= certificate.as_parity()
+    parity[plan.dtype] |= _certify(encoder, scorer, plan, checks.tolerance)
     if plan.dtype == "fp16":
         parity["fp16"]["checked_on_cuda"] = float(_on_cuda("fp16"))
-
     evaluation = plan.info.evaluation if plan.info else None
     normalization = plan.info.normalization if plan.info else None
     members: MemberScores | None = None
@@ -661,15 +676,61 @@ def _write_bundle(
     if plan.packed:
         shared_rows = [*rows, *_pair_rows(encoded)] if encoded is not None else rows
         packed = _packed_graphs(staging, plan, wrapper, shared_rows, checks.tolerance, step)
-    if normalization is None:
-        normalization = Normalization(
-            mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
-        )
     step("hashing every file of the bundle")
     ensemble = _ensemble(plan.ensemble, per_output, members)
-    manifest = _manifest(staging, plan, parity, evaluation, normalization, ensemble, packed)
+    manifest = _manifest(
+        staging, plan, parity, evaluation, normalization or _UNMEASURED, ensemble, packed
+    )
     manifest.write(staging)
     return manifest
+
+
+_UNMEASURED = Normalization(
+    mean=0.0, std=1.0, n=0, reference="not measured (no training info or eval pairs)"
+)
+
+
+def _export_graph(wrapper: Any, graph: Path, plan: _Plan, step: Callable[[str], None]) -> None:
+    step(f"tracing the model to ONNX ({plan.exporter} exporter, opset {plan.opset})")
+    fusions = export_onnx(wrapper, graph, exporter=plan.exporter, opset=plan.opset)
+    if plan.exporter == "fused":
+        applied = ", ".join(f"{name} {count}" for name, count in sorted(fusions.items()))
+        step(f"fused for onnxruntime: {applied or 'nothing matched (the graph is unchanged)'}")
+
+
+def _check_rows(
+    encoder: PairEncoder, text_format: AnyTextFormat, encoded: EncodedExamples | None
+) -> list[list[int]]:
+    """The rows of the parity check: synthetic texts of mixed lengths, and a slice of real
+    eval texts (real lengths, real vocabulary) when there are eval pairs."""
+    rows = _parity_texts(encoder, text_format)
+    if encoded is not None:
+        rows += encoded.ids[:: max(1, len(encoded.ids) // 16)]
+    return rows
+
+
+def _certify(
+    encoder: PairEncoder, scorer: BatchScorer, plan: _Plan, tolerance: float
+) -> dict[str, float]:
+    """The text-path certificate's parity fields: conversations rendered and tokenized by the
+    bundle against transformers' chat template, and their scores against torch."""
+    conversations = certificate_conversations(
+        [_conversation(e) for e in plan.eval_pairs] if plan.eval_pairs else []
+    )
+    try:
+        certificate = certify_text_path(
+            conversations,
+            text_format=plan.text_format,
+            encoder=encoder,
+            tokenizer=plan.tokenizer,
+            model=_certified_model(plan),
+            scorer=scorer,
+            pad_token_id=plan.pad_token_id,
+            tolerance=tolerance,
+        )
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    return certificate.as_parity()
 
 
 def _wrapper(plan: _Plan) -> torch.nn.Module:
@@ -937,9 +998,6 @@ def _evaluation(scores: PairScores, eval_data: str | None) -> Evaluation:
 
 def _normalization(scores: PairScores) -> Normalization:
     rewards = np.concatenate([scores.chosen, scores.rejected])
-    return Normalization(
-        mean=float(rewards.mean()),
-        std=float(max(rewards.std(), 1e-6)),
-        n=int(rewards.size),
-        reference=f"eval pairs ({rewards.size} responses), measured at export",
+    return reward_normalization(
+        rewards, f"eval pairs ({rewards.size} responses), measured at export"
     )

@@ -17,9 +17,8 @@ folder of members::
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,12 @@ from rmserve.training.metadata import EnsembleInfo, TrainingInfo
 from rmserve.training.modeling import architecture_of, load_tokenizer
 from rmserve.training.pairs import encode_examples, pair_metrics
 from rmserve.training.results import TrainResult
-from rmserve.training.scoring import BatchScorer, score_ids, stacked_scorer, torch_scorer
+from rmserve.training.scoring import (
+    BatchScorer,
+    sampled_normalization,
+    stacked_scorer,
+    torch_scorer,
+)
 from rmserve.training.trainer import PreferenceDataset
 from rmserve.training.uncertainty import score_members
 
@@ -182,15 +186,13 @@ def _normalization(
         members.text_format,
         truncate_long_responses=config.truncate_long_responses,
     )
-    rows = [row for item in dataset.items for row in item.ids]
-    total = len(rows)
-    if len(rows) > config.normalization_samples:
-        rows = random.Random(config.seed).sample(rows, config.normalization_samples)
-    rewards = score_ids(members.scorer, rows, members.pad_token_id, members.batch_size)
-    mean = rewards.mean(axis=1)  # (n,)
-    return Normalization(
-        mean=float(mean.mean()),
-        std=float(max(mean.std(), 1e-6)),
-        n=len(rows),
-        reference=f"training responses ({len(rows)} of {total}), members' mean reward",
+    normalization = sampled_normalization(
+        members.scorer,
+        [row for item in dataset.items for row in item.ids],
+        members.pad_token_id,
+        members.batch_size,
+        samples=config.normalization_samples,
+        seed=config.seed,
+        what="training responses",
     )
+    return replace(normalization, reference=f"{normalization.reference}, members' mean reward")

@@ -179,6 +179,21 @@ def _calibrate(
     return out
 
 
+class _Names:
+    """Names of the nodes and values of one quantized input, all under ``prefix``."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, suffix: str) -> str:
+        return f"{self.prefix}/{suffix}"
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
+        from onnx import helper
+
+        return helper.make_node(op, inputs, [self(output)], name=self(op + "_" + output), **attrs)
+
+
 class _Rewriter:
     """Replaces MatMul nodes by their per-token int8 form, in place, keeping the node order
     topological (an input's quantization goes right before its first reader).
@@ -280,98 +295,106 @@ class _Rewriter:
         """The per-input nodes: ``{prefix}/codes`` (M, K) uint8, ``{prefix}/scale`` (M, 1),
         ``{prefix}/side`` (M, k + 1, or k + 2 with a column of ones for the biases) and
         ``{prefix}/lead`` (x's shape but its last axis)."""
-        from onnx import TensorProto, helper
-
-        def name(suffix: str) -> str:
-            return f"{prefix}/{suffix}"
-
-        def node(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
-            return helper.make_node(
-                op, inputs, [name(output)], name=name(op + "_" + output), **attrs
-            )
-
-        nodes = [
-            node("Shape", [x], "shape"),
-            node(
-                "Slice",
-                [
-                    name("shape"),
-                    self.constant(name("zero_index"), np.array([0])),
-                    self.constant(name("last_index"), np.array([-1])),
-                ],
-                "lead",
-            ),  # x's shape without its last axis: the output gets it back
-            node(
-                "Reshape", [x, self.constant(name("rows_shape"), np.array([-1, channels]))], "rows"
-            ),
-        ]
-        inliers = name("rows")
-        side = []
+        at = _Names(prefix)
+        nodes = self._as_rows(at, x, channels)
+        inliers, side = at("rows"), []
         if len(outliers):
-            keep = np.ones(channels, dtype=np.float32)
-            keep[outliers] = 0.0
-            nodes += [
-                node(
-                    "Gather",
-                    [name("rows"), self.constant(name("outlier_index"), outliers)],
-                    "outliers",
-                    axis=1,
-                ),
-                node("Mul", [name("rows"), self.constant(name("inlier_mask"), keep)], "inliers"),
-            ]
-            inliers = name("inliers")
-            side.append(name("outliers"))
-        zero = self.constant(name("0"), np.float32(0.0))
-        nodes += [
-            self._reduce("ReduceMax", inliers, name("max")),
-            self._reduce("ReduceMin", inliers, name("min")),
-            node("Max", [name("max"), zero], "high"),  # 0 stays exact: zero point in 0..255
-            node("Min", [name("min"), zero], "low"),
-            node("Sub", [name("high"), name("low")], "range"),
-            node(
-                "Max",
-                [name("range"), self.constant(name("min_range"), np.float32(_MIN_RANGE))],
-                "range_nonzero",
-            ),
-            node(
-                "Mul",
-                [name("range_nonzero"), self.constant(name("inv255"), np.float32(1 / 255))],
-                "scale",
-            ),  # (M, 1)
-            node("Div", [name("low"), name("scale")], "low_steps"),
-            node("Neg", [name("low_steps")], "zero_steps"),
-            node("Round", [name("zero_steps")], "zero_float"),
-            node("Cast", [name("zero_float")], "zero_point_2d", to=TensorProto.UINT8),
-            node(
-                "Reshape",
-                [name("zero_point_2d"), self.constant(name("flat"), np.array([-1]))],
-                "zero_point",
-            ),  # (M,)
-            node("Reshape", [name("scale"), name("flat")], "scale_1d"),  # (M,)
-            # Rounds half to even, saturates to 0..255, one (scale, zero) per row.
-            node(
-                "QuantizeLinear", [inliers, name("scale_1d"), name("zero_point")], "codes", axis=0
-            ),
-            node("Mul", [name("scale"), name("zero_float")], "offset_neg"),
-            node("Neg", [name("offset_neg")], "offset"),  # x ~ scale * code + offset
-        ]
-        side.append(name("offset"))
+            nodes += self._split_outliers(at, outliers, channels)
+            inliers = at("inliers")
+            side.append(at("outliers"))
+        nodes += self._quantize_rows(at, inliers)
+        side.append(at("offset"))
         if with_bias:
-            nodes += [
-                node("Shape", [name("offset")], "column_shape"),
-                node(
-                    "Expand",
-                    [self.constant(name("1"), np.float32(1.0)), name("column_shape")],
-                    "ones",
-                ),
-            ]
-            side.append(name("ones"))
+            nodes += self._ones_column(at)
+            side.append(at("ones"))
         nodes.append(
-            node("Concat", side, "side", axis=1)
+            at.node("Concat", side, "side", axis=1)
             if len(side) > 1
-            else node("Identity", side, "side")
+            else at.node("Identity", side, "side")
         )
         return nodes
+
+    def _as_rows(self, at: _Names, x: str, channels: int) -> list[Any]:
+        """``rows``: x as (M, K); ``lead``: x's shape without its last axis (the output gets
+        it back)."""
+        return [
+            at.node("Shape", [x], "shape"),
+            at.node(
+                "Slice",
+                [
+                    at("shape"),
+                    self.constant(at("zero_index"), np.array([0])),
+                    self.constant(at("last_index"), np.array([-1])),
+                ],
+                "lead",
+            ),
+            at.node(
+                "Reshape", [x, self.constant(at("rows_shape"), np.array([-1, channels]))], "rows"
+            ),
+        ]
+
+    def _split_outliers(
+        self, at: _Names, outliers: npt.NDArray[np.int64], channels: int
+    ) -> list[Any]:
+        """``outliers``: the outlier channels, kept in fp32; ``inliers``: rows with them zeroed."""
+        keep = np.ones(channels, dtype=np.float32)
+        keep[outliers] = 0.0
+        return [
+            at.node(
+                "Gather",
+                [at("rows"), self.constant(at("outlier_index"), outliers)],
+                "outliers",
+                axis=1,
+            ),
+            at.node("Mul", [at("rows"), self.constant(at("inlier_mask"), keep)], "inliers"),
+        ]
+
+    def _quantize_rows(self, at: _Names, inliers: str) -> list[Any]:
+        """``codes`` uint8 with one (scale, zero point) per row, and ``offset`` so that
+        x ~ scale * code + offset."""
+        from onnx import TensorProto
+
+        zero = self.constant(at("0"), np.float32(0.0))
+        return [
+            self._reduce("ReduceMax", inliers, at("max")),
+            self._reduce("ReduceMin", inliers, at("min")),
+            at.node("Max", [at("max"), zero], "high"),  # 0 stays exact: zero point in 0..255
+            at.node("Min", [at("min"), zero], "low"),
+            at.node("Sub", [at("high"), at("low")], "range"),
+            at.node(
+                "Max",
+                [at("range"), self.constant(at("min_range"), np.float32(_MIN_RANGE))],
+                "range_nonzero",
+            ),
+            at.node(
+                "Mul",
+                [at("range_nonzero"), self.constant(at("inv255"), np.float32(1 / 255))],
+                "scale",
+            ),  # (M, 1)
+            at.node("Div", [at("low"), at("scale")], "low_steps"),
+            at.node("Neg", [at("low_steps")], "zero_steps"),
+            at.node("Round", [at("zero_steps")], "zero_float"),
+            at.node("Cast", [at("zero_float")], "zero_point_2d", to=TensorProto.UINT8),
+            at.node(
+                "Reshape",
+                [at("zero_point_2d"), self.constant(at("flat"), np.array([-1]))],
+                "zero_point",
+            ),  # (M,)
+            at.node("Reshape", [at("scale"), at("flat")], "scale_1d"),  # (M,)
+            # Rounds half to even, saturates to 0..255, one (scale, zero) per row.
+            at.node("QuantizeLinear", [inliers, at("scale_1d"), at("zero_point")], "codes", axis=0),
+            at.node("Mul", [at("scale"), at("zero_float")], "offset_neg"),
+            at.node("Neg", [at("offset_neg")], "offset"),
+        ]
+
+    def _ones_column(self, at: _Names) -> list[Any]:
+        """``ones``: a (M, 1) column of ones, which meets the biases in the side MatMul."""
+        return [
+            at.node("Shape", [at("offset")], "column_shape"),
+            at.node(
+                "Expand", [self.constant(at("1"), np.float32(1.0)), at("column_shape")], "ones"
+            ),
+        ]
 
     def _int8_matmul(
         self,

@@ -50,7 +50,9 @@ def calibration_bins(scores: PairScores, bins: int = 10) -> list[tuple[float, fl
     """
     import numpy as np
 
-    p = 1.0 / (1.0 + np.exp(-(scores.chosen - scores.rejected)))  # (P,)
+    from rmserve.activations import sigmoid
+
+    p = sigmoid(scores.chosen - scores.rejected)  # (P,)
     predicted = np.concatenate([p, 1.0 - p])
     observed = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -70,10 +72,27 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    by_length = length_bins(scores)
+    calibration = calibration_bins(scores)
+    _plot_rewards(out_dir / "rewards.png", scores)
+    _plot_accuracy_by_length(out_dir / "accuracy_by_length.png", by_length)
+    _plot_calibration(out_dir / "calibration.png", calibration)
+    ensemble = metrics.get("ensemble")
+    if ensemble is not None:
+        _plot_uncertainty(out_dir, ensemble)
+    lines = _summary_lines(metrics, by_length, calibration)
+    if ensemble is not None:
+        lines += _ensemble_section(metrics["accuracy"], ensemble)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_rewards(path: Path, scores: PairScores) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     both = np.concatenate([scores.chosen, scores.rejected])
@@ -83,10 +102,13 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
     ax.set(xlabel="reward", ylabel="responses", title="Rewards of chosen vs rejected")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "rewards.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    by_length = length_bins(scores)
+
+def _plot_accuracy_by_length(path: Path, by_length: list[tuple[int, int, float, int]]) -> None:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{lo}-{hi}" for lo, hi, _, _ in by_length]
     ax.bar(labels, [acc for _, _, acc, _ in by_length])
@@ -98,10 +120,13 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
         title="Accuracy by length",
     )
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_by_length.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    calibration = calibration_bins(scores)
+
+def _plot_calibration(path: Path, calibration: list[tuple[float, float, int]]) -> None:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
     ax.plot([c[0] for c in calibration], [c[1] for c in calibration], marker="o", label="model")
@@ -114,14 +139,17 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "calibration.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    ensemble = metrics.get("ensemble")
-    if ensemble is not None:
-        _plot_uncertainty(out_dir, ensemble)
 
-    lines = [
+def _summary_lines(
+    metrics: dict[str, Any],
+    by_length: list[tuple[int, int, float, int]],
+    calibration: list[tuple[float, float, int]],
+) -> list[str]:
+    """report.md up to the ensemble section: the headline metrics, then each plot's table."""
+    return [
         "# Reward model evaluation",
         "",
         f"- model: `{metrics.get('model')}` ({metrics.get('kind')}, {metrics.get('precision')})",
@@ -155,11 +183,6 @@ def write_report(out_dir: Path, scores: PairScores, metrics: dict[str, Any]) -> 
         "![calibration](calibration.png)",
         "",
     ]
-    if ensemble is not None:
-        lines += _ensemble_section(metrics["accuracy"], ensemble)
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
 
 
 # The quartile tables of rmserve eval's ensemble block, in the order the report shows them.

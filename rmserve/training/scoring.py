@@ -6,10 +6,12 @@ so an item's reward does not depend on its neighbours.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rmserve.manifest import Pooling
+from rmserve.manifest import Normalization, Pooling
+from rmserve.packing import pad_batch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +22,8 @@ __all__ = [
     "BatchScorer",
     "onnx_scorer",
     "pad_batch",
+    "reward_normalization",
+    "sampled_normalization",
     "score_ids",
     "stacked_scorer",
     "torch_scorer",
@@ -27,21 +31,6 @@ __all__ = [
 
 # (input_ids (B, T) int64, attention_mask (B, T) int64) -> rewards (B,) or (B, K) float32
 BatchScorer = Callable[["npt.NDArray[np.int64]", "npt.NDArray[np.int64]"], "npt.NDArray[Any]"]
-
-
-def pad_batch(
-    ids: Sequence[Sequence[int]], pad_token_id: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Right-padded (input_ids, attention_mask), both (B, T) int64."""
-    import numpy as np
-
-    width = max(len(row) for row in ids)
-    input_ids = np.full((len(ids), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return input_ids, mask
 
 
 def score_ids(
@@ -64,6 +53,37 @@ def score_ids(
             out = np.zeros((len(ids), *rewards.shape[1:]), dtype=np.float64)
         out[chunk] = rewards
     return out if out is not None else np.zeros(0, dtype=np.float64)
+
+
+def reward_normalization(rewards: npt.NDArray[np.float64], reference: str) -> Normalization:
+    """The mean and std (floored at 1e-6) of ``rewards`` (n,); of the members' mean reward
+    (what an ensemble bundle serves) for (n, K)."""
+    values = rewards.mean(axis=1) if rewards.ndim == 2 else rewards
+    return Normalization(
+        mean=float(values.mean()),
+        std=float(max(values.std(), 1e-6)),
+        n=int(values.shape[0]),
+        reference=reference,
+    )
+
+
+def sampled_normalization(
+    scorer: BatchScorer,
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int,
+    *,
+    samples: int,
+    seed: int,
+    what: str,
+) -> Normalization:
+    """:func:`reward_normalization` of at most ``samples`` of ``rows`` (drawn with ``seed``);
+    its reference reads "``what`` (k of n)"."""
+    total = len(rows)
+    if total > samples:
+        rows = random.Random(seed).sample(list(rows), samples)
+    rewards = score_ids(scorer, rows, pad_token_id, batch_size)
+    return reward_normalization(rewards, f"{what} ({len(rows)} of {total})")
 
 
 def torch_scorer(model: PreTrainedModel, pooling: Pooling) -> BatchScorer:

@@ -13,7 +13,6 @@ computes them from the bundle's ``tokenizer.json``.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from rmserve.training.data import PreferenceExample
 from rmserve.training.loss import bradley_terry_loss
 from rmserve.training.modeling import RewardModel
 from rmserve.training.pairs import decision_credit
-from rmserve.training.scoring import score_ids, torch_scorer
+from rmserve.training.scoring import sampled_normalization, torch_scorer
 
 __all__ = [
     "PreferenceCollator",
@@ -273,17 +272,12 @@ class RewardTrainer(Trainer):
         """Reward mean and std over (a random sample of) the training responses; for an
         ensemble, of the members' mean reward (what the bundle serves)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        rows = [row for item in dataset.items for row in item.ids]
-        if len(rows) > self.args.normalization_samples:
-            rows = random.Random(seed).sample(rows, self.args.normalization_samples)
-        scorer = torch_scorer(unwrapped.model, unwrapped.pooling)
-        rewards = score_ids(scorer, rows, self.pad_token_id, self.args.per_device_eval_batch_size)
-        if rewards.ndim == 2:  # (n, K) ensemble members: the bundle's reward is their mean
-            rewards = rewards.mean(axis=1)
-        total = sum(len(item.ids) for item in dataset.items)
-        return Normalization(
-            mean=float(rewards.mean()),
-            std=float(max(rewards.std(), 1e-6)),
-            n=len(rows),
-            reference=f"training responses ({len(rows)} of {total})",
+        return sampled_normalization(
+            torch_scorer(unwrapped.model, unwrapped.pooling),
+            [row for item in dataset.items for row in item.ids],
+            self.pad_token_id,
+            self.args.per_device_eval_batch_size,
+            samples=self.args.normalization_samples,
+            seed=seed,
+            what="training responses",
         )

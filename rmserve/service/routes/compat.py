@@ -40,7 +40,9 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Response
 
+from rmserve.activations import sigmoid
 from rmserve.service.errors import ApiError
+from rmserve.service.pipeline import Scorer
 from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     ClassifyData,
@@ -51,7 +53,6 @@ from rmserve.service.schemas import (
     GetRewardResponse,
     SlimeRewardRequest,
 )
-from rmserve.service.scoring import Scorer
 from rmserve.service.state import ScorerDep, StateDep
 from rmserve.service.tokenization import ItemInput
 
@@ -91,10 +92,7 @@ def class_probs(logits: npt.NDArray[np.float64], activated: bool) -> npt.NDArray
     if not activated:
         return logits
     if logits.shape[1] == 1:
-        # exp of a negative number only: no overflow for large rewards of either sign.
-        z = np.exp(-np.abs(logits))
-        out: npt.NDArray[np.float64] = np.where(logits >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
-        return out
+        return sigmoid(logits)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     soft: npt.NDArray[np.float64] = shifted / shifted.sum(axis=1, keepdims=True)
     return soft

@@ -21,7 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Response
 
+from rmserve.activations import sigmoid
 from rmserve.service.ensemble import Aggregate
+from rmserve.service.pipeline import ScoredItems, Scorer
 from rmserve.service.routes.common import SCORING_ERRORS
 from rmserve.service.schemas import (
     CompareRequest,
@@ -35,17 +37,16 @@ from rmserve.service.schemas import (
     ScoreResponse,
     Usage,
 )
-from rmserve.service.scoring import Scorer, ScoreResult
 from rmserve.service.state import ScorerDep
 from rmserve.service.tokenization import ItemInput
 
-__all__ = ["router", "sigmoid"]
+__all__ = ["router"]
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
 
 
 def _heads(
-    result: ScoreResult, scorer: Scorer
+    result: ScoredItems, scorer: Scorer
 ) -> tuple[list[list[float]] | None, list[str] | None]:
     """(head_scores, labels) of a model of several heads; None (left out) for one head."""
     labels = scorer.manifest.labels
@@ -59,14 +60,14 @@ def _optional(values: npt.NDArray[np.floating[Any]]) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values.tolist()]
 
 
-def _head_rows(result: ScoreResult, scorer: Scorer) -> list[list[float] | None] | None:
+def _head_rows(result: ScoredItems, scorer: Scorer) -> list[list[float] | None] | None:
     rows, _ = _heads(result, scorer)
     if rows is None:
         return None
     return [None if i in result.refused else row for i, row in enumerate(rows)]
 
 
-def _errors(result: ScoreResult) -> list[ItemError] | None:
+def _errors(result: ScoredItems) -> list[ItemError] | None:
     """One entry per refused item; None (left out of the JSON) when every item was scored."""
     if not result.refused:
         return None
@@ -84,7 +85,7 @@ class _Spread:
     members: npt.NDArray[np.float64] | None
 
     @classmethod
-    def of(cls, result: ScoreResult, scorer: Scorer, body: EnsembleOptions) -> _Spread:
+    def of(cls, result: ScoredItems, scorer: Scorer, body: EnsembleOptions) -> _Spread:
         normalize = getattr(body, "normalize", False)
         std = result.std / scorer.manifest.normalization.std if normalize else result.std
         members = None
@@ -93,19 +94,11 @@ class _Spread:
             members = scorer.normalize(raw) if normalize else raw
         return cls(std, members)
 
-    def member_rows(self, result: ScoreResult) -> list[list[float] | None] | None:
+    def member_rows(self, result: ScoredItems) -> list[list[float] | None] | None:
         if self.members is None:
             return None
         rows = self.members.tolist()
         return [None if i in result.refused else row for i, row in enumerate(rows)]
-
-
-def sigmoid(x: float) -> float:
-    # Written per sign so that exp never overflows.
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
 
 
 # What every /v1 scoring request carries (ScoreRequest, RankRequest, CompareRequest).
@@ -119,7 +112,7 @@ async def _score(
     response: Response,
     *,
     partial: bool,
-) -> tuple[ScoreResult, Aggregate, npt.NDArray[np.floating[Any]]]:
+) -> tuple[ScoredItems, Aggregate, npt.NDArray[np.floating[Any]]]:
     """The request's items scored with its aggregate and truncation policy: the result,
     the aggregate, and the scores as the request asked (raw or normalized); the timing
     headers set on ``response``."""
@@ -135,7 +128,7 @@ async def _score(
 def _per_item_fields(
     body: ScoringRequest,
     scorer: Scorer,
-    result: ScoreResult,
+    result: ScoredItems,
     aggregate: Aggregate,
     scores: npt.NDArray[np.floating[Any]],
 ) -> dict[str, Any]:
@@ -191,7 +184,7 @@ async def compare(body: CompareRequest, response: Response, scorer: ScorerDep) -
         model=scorer.manifest.model_name,
         scores=scores.tolist(),
         # The model was trained with P(a > b) = sigmoid(r_a - r_b) on raw rewards.
-        p_a_preferred=sigmoid(raw_a - raw_b),
+        p_a_preferred=float(sigmoid(raw_a - raw_b)),
         aggregate=aggregate.name,
         std=spread.std.tolist(),
         members=spread.members.tolist() if spread.members is not None else None,

@@ -1,5 +1,5 @@
-"""The scoring core shared by all routes: items -> tokens -> batcher -> rewards (the model it
-scores with is loaded by :mod:`rmserve.service.loading`).
+"""The request pipeline shared by all routes: items -> tokens -> batcher -> rewards (the model
+it scores with is loaded by :mod:`rmserve.service.loading`).
 
 It maps every way an item can fail to its HTTP answer (:class:`ApiError`) so the routes stay
 small: too many items 413, an item too long, a response that cannot fit or an item the text
@@ -35,9 +35,9 @@ from rmserve.service.tokenization import (
     ResponseTooLongAtError,
 )
 
-__all__ = ["ScoreResult", "Scorer", "item_error"]
+__all__ = ["ScoredItems", "Scorer", "item_error"]
 
-logger = logging.getLogger("rmserve.service.scoring")
+logger = logging.getLogger("rmserve.service.pipeline")
 
 
 def item_error(e: ItemRefusedError) -> ApiError:
@@ -65,7 +65,9 @@ def _refusal(e: QueueFullError | BatcherClosedError) -> ApiError:
 
 
 @dataclass(frozen=True)
-class ScoreResult:
+class ScoredItems:
+    """What :meth:`Scorer.score` gives for the items of one request."""
+
     # (n,) raw rewards, request order: the reward head, or an ensemble's aggregate
     scores: npt.NDArray[np.floating]
     head_scores: npt.NDArray[np.float32]  # (n, K) raw values of every head, request order
@@ -113,7 +115,7 @@ class Scorer:
         truncate_response: bool | None,
         partial: bool = False,
         aggregate: Aggregate | None = None,
-    ) -> ScoreResult:
+    ) -> ScoredItems:
         """Score ``items``; ``truncate_response`` and ``aggregate`` None mean the server's
         settings (the aggregate of an ensemble's members; any other model is one member).
 
@@ -156,7 +158,7 @@ class Scorer:
         std = members.astype(np.float64).std(axis=1)
         if self.metrics is not None and accepted:
             self.metrics.observe_std(std[accepted])
-        return ScoreResult(
+        return ScoredItems(
             scores=(aggregate or self.aggregate)(members),
             head_scores=heads,
             members=members,
