@@ -8,13 +8,30 @@ so tests that do not use them run without the ``train`` extra.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pytest
+from hypothesis import settings
+
+from tests.model_zoo import reward_classifier
 
 if TYPE_CHECKING:
     from rmserve.training.data import PreferenceExample
+
+# Property tests draw the same examples on every run (CI included), so a failure reproduces
+# from the commit alone; HYPOTHESIS_PROFILE=explore draws fresh random examples instead.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``@pytest.mark.anyio``) run on asyncio, the server's own loop."""
+    return "asyncio"
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HH_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh-harmless"
@@ -22,10 +39,19 @@ HH_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh-harmless"
 # Small max lengths keep tiny exports and parity checks to a second or two.
 TINY_MAX_LENGTH = 128
 MINILM_MAX_LENGTH = 256
+
+
 # The fixture models have random weights: their rewards for two responses are near-ties that
 # int8 noise flips (measured: 44-97% agreement), so the fixtures relax the int8 decision check
 # that a trained model must pass (>= 99% agreement). fp32 parity stays strict (1e-4).
-RANDOM_WEIGHTS_INT8 = {"min_agreement": 0.0, "max_accuracy_drop": 1.0}
+class Int8Check(TypedDict):
+    """export_bundle's int8 decision-check thresholds."""
+
+    min_agreement: float
+    max_accuracy_drop: float
+
+
+RANDOM_WEIGHTS_INT8: Int8Check = {"min_agreement": 0.0, "max_accuracy_drop": 1.0}
 # Pairs used for the evaluation section and the int8 check: enough for real numbers, fast.
 FIXTURE_EVAL_PAIRS = 100
 
@@ -86,7 +112,7 @@ def tiny_encoder_checkpoint(tmp_path_factory: pytest.TempPathFactory, minilm_pat
     checkpoint folder that AutoModelForSequenceClassification loads (num_labels=1), with an
     rmserve_training.json that sets max_length 128."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer, BertConfig
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -97,10 +123,9 @@ def tiny_encoder_checkpoint(tmp_path_factory: pytest.TempPathFactory, minilm_pat
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = reward_classifier(config)
     path = tmp_path_factory.mktemp("tiny-encoder")
     return _save_checkpoint(model, tokenizer, path, TINY_MAX_LENGTH, "tiny-bert (random)")
 
@@ -128,9 +153,8 @@ def _tiny_bpe_tokenizer(hh_data_dir: Path) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    fast: Any = PreTrainedTokenizerFast  # an untyped constructor for mypy --strict
+    return fast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +163,7 @@ def tiny_decoder_checkpoint(tmp_path_factory: pytest.TempPathFactory, hh_data_di
     BPE tokenizer trained on HH text (pad = eos), saved as a checkpoint folder with an
     rmserve_training.json that sets max_length 128. Reward at the last real token."""
     import torch
-    from transformers import AutoModelForSequenceClassification, Qwen2Config
+    from transformers import Qwen2Config
 
     torch.manual_seed(0)
     tokenizer = _tiny_bpe_tokenizer(hh_data_dir)
@@ -151,12 +175,11 @@ def tiny_decoder_checkpoint(tmp_path_factory: pytest.TempPathFactory, hh_data_di
         num_key_value_heads=1,
         intermediate_size=64,
         max_position_embeddings=1024,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = reward_classifier(config)
     path = tmp_path_factory.mktemp("tiny-decoder")
     return _save_checkpoint(model, tokenizer, path, TINY_MAX_LENGTH, "tiny-qwen2 (random)")
 

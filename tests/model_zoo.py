@@ -437,6 +437,13 @@ def _hf() -> Any:
     return transformers
 
 
+def reward_classifier(config: Any) -> Any:
+    """A randomly initialised ``AutoModelForSequenceClassification`` of ``config`` with one
+    output (set here: the typed config classes of transformers do not list ``num_labels``)."""
+    config.num_labels = 1
+    return _hf().AutoModelForSequenceClassification.from_config(config)
+
+
 # --------------------------------------------------------------------------- data
 
 

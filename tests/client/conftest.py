@@ -32,7 +32,7 @@ class BlockingAsyncClient:
             async def record(seconds: float) -> None:
                 waits.append(seconds)
 
-            client._sleep = record  # type: ignore[method-assign]
+            client._sleep = record
             return client
 
         self._client = self._portal.call(make)
@@ -86,7 +86,7 @@ def make_client(request: pytest.FixtureRequest) -> ClientFactory:
         if request.param == "async":
             return BlockingAsyncClient(*args, waits=waits, **kwargs), waits
         client = RewardClient(*args, **kwargs)
-        client._sleep = waits.append  # type: ignore[method-assign]
+        client._sleep = waits.append
         return client, waits
 
     return make

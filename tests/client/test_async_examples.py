@@ -65,9 +65,9 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-def server_scores(url: str, items: list[dict[str, Any]]) -> list[float]:
+def server_scores(url: str, items: list[dict[str, Any]], normalize: bool = False) -> list[float]:
     """The server's own answer, straight from ``POST /v1/score``."""
-    body = {"items": items, "normalize": False, "truncate_response": True}
+    body = {"items": items, "normalize": normalize, "truncate_response": True}
     answer = httpx.post(f"{url}/v1/score", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     return [float(s) for s in answer.json()["scores"]]
@@ -95,16 +95,12 @@ def run_example(*args: str, timeout: float = 120) -> str:
 # -- verl ------------------------------------------------------------------------------------
 
 
-def run_batch(loop_worker: VerlRewardLoop, module: ModuleType, samples: Any) -> list[float]:
-    """One batch on a fresh event loop, the example's clients closed before the loop ends."""
-
-    async def batch() -> list[float]:
-        try:
-            return await loop_worker.compute_score_batch(samples)
-        finally:
-            await module.aclose()
-
-    return asyncio.run(batch())
+async def run_batch(loop_worker: VerlRewardLoop, module: ModuleType, samples: Any) -> list[float]:
+    """One batch on the test's event loop, the example's clients closed before it ends."""
+    try:
+        return await loop_worker.compute_score_batch(samples)
+    finally:
+        await module.aclose()
 
 
 async def _call_with_kwargs_async(
@@ -189,27 +185,25 @@ def verl_example() -> ModuleType:
     return load_example("verl_async_reward")
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("router", [None, "10.0.0.1:30000"], ids=["plain", "with-router"])
-def test_verl_async_compute_score_as_the_reward_loop_awaits_it(
+async def test_verl_async_compute_score_as_the_reward_loop_awaits_it(
     service_url: str, verl_example: ModuleType, router: str | None
 ) -> None:
+    # server_scores blocks this loop, not the service's: the service runs on its own loop
+    # in its own thread (service_url in conftest.py).
     samples, items = verl_samples()
     expected = server_scores(service_url, items)
     loop_worker = VerlRewardLoop(
         verl_custom_reward_fn(verl_example, {"rmserve_url": service_url}), router
     )
-
-    async def two_batches() -> tuple[list[float], list[float]]:
-        first = await loop_worker.compute_score_batch(samples)
-        clients = dict(verl_example._clients)
-        second = await loop_worker.compute_score_batch(samples[::-1])
-        # One client for the loop, made by the first call and reused by every later one.
-        assert len(clients) == 1
-        assert verl_example._clients == clients
-        await verl_example.aclose()
-        return first, second
-
-    first, second = asyncio.run(two_batches())
+    first = await loop_worker.compute_score_batch(samples)
+    clients = dict(verl_example._clients)
+    second = await loop_worker.compute_score_batch(samples[::-1])
+    # One client for the loop, made by the first call and reused by every later one.
+    assert len(clients) == 1
+    assert verl_example._clients == clients
+    await verl_example.aclose()
     assert_close(first, expected)
     assert_close(second, expected[::-1])
     assert verl_example._clients == {}
@@ -230,24 +224,26 @@ def test_verl_async_compute_score_reads_the_url_from_the_environment(
         return scores
 
     # Each asyncio.run is a new event loop, which must get a new client: reusing the closed
-    # one of the previous loop would fail.
+    # one of the previous loop would fail. Two loops on purpose, so this test stays blocking
+    # (an async test has one loop).
     for _ in range(2):
         assert_close(asyncio.run(batch_then_close_the_connections()), expected)
 
 
-def test_verl_async_compute_score_normalize_from_reward_kwargs(
+@pytest.mark.anyio
+async def test_verl_async_compute_score_normalize_from_reward_kwargs(
     service_url: str, verl_example: ModuleType
 ) -> None:
     samples, items = verl_samples()
-    body = {"items": items, "normalize": True, "truncate_response": True}
-    expected = httpx.post(f"{service_url}/v1/score", json=body, timeout=60).json()["scores"]
+    expected = server_scores(service_url, items, normalize=True)
     kwargs = {"rmserve_url": service_url, "normalize": True}
     loop_worker = VerlRewardLoop(verl_custom_reward_fn(verl_example, kwargs))
-    assert_close(run_batch(loop_worker, verl_example, samples), expected)
+    assert_close(await run_batch(loop_worker, verl_example, samples), expected)
     assert expected != server_scores(service_url, items)
 
 
-def test_verl_async_compute_score_without_a_prompt_says_where_to_put_it(
+@pytest.mark.anyio
+async def test_verl_async_compute_score_without_a_prompt_says_where_to_put_it(
     service_url: str, verl_example: ModuleType
 ) -> None:
     sample = {
@@ -258,7 +254,7 @@ def test_verl_async_compute_score_without_a_prompt_says_where_to_put_it(
     }
     loop_worker = VerlRewardLoop(verl_custom_reward_fn(verl_example, {"rmserve_url": service_url}))
     with pytest.raises(KeyError, match="store each sample's prompt in extra_info"):
-        run_batch(loop_worker, verl_example, [sample])
+        await run_batch(loop_worker, verl_example, [sample])
 
 
 def test_verl_async_example_script(service_url: str) -> None:
@@ -438,7 +434,8 @@ def test_trl_async_example_calls_the_reward_function_as_grpo_does(
 
 
 @pytest.mark.slow
-def test_verl_decoded_response_scores_as_the_model_card(
+@pytest.mark.anyio
+async def test_verl_decoded_response_scores_as_the_model_card(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Llama-3-style reward model (its template writes ``<|begin_of_text|>`` and ends turns
@@ -491,7 +488,7 @@ def test_verl_decoded_response_scores_as_the_model_card(
             with_eos.append({"messages": [*prompt, {"role": "assistant", "content": kept}]})
         monkeypatch.setenv("RMSERVE_BASE_URL", service.url)
         loop_worker = VerlRewardLoop(verl_custom_reward_fn(verl_example, {}))
-        got = run_batch(loop_worker, verl_example, samples)
+        got = await run_batch(loop_worker, verl_example, samples)
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-4
         # Keeping the policy's special tokens in the response would score different text.
         kept_scores = server_scores(service.url, with_eos)

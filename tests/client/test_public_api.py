@@ -277,7 +277,7 @@ def test_ordered_collections_are_accepted_and_sets_refused() -> None:
         chat = np.array([{"role": "user", "content": "hi"}], dtype=object)
         assert client.score((chat,), np.array(["yo"])).scores == (1.0,)
         with pytest.raises(TypeError, match="prompts must be a list, got set"):
-            client.score({"p"}, ["x"])
+            client.score({"p"}, ["x"])  # type: ignore[arg-type]  # the wrong type, on purpose
     assert json.loads(sent[0])["items"] == [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     ]

@@ -27,7 +27,7 @@ from rmserve.client import (
     RewardClient,
 )
 from rmserve.client._retry import RetryPolicy, parse_retry_after
-from tests.client.client_servers import Reply, ScriptedServer, score_reply
+from tests.client.client_servers import Recorded, Reply, ScriptedServer, score_reply
 from tests.client.conftest import ClientFactory
 
 Factory = Callable[..., ScriptedServer]
@@ -202,14 +202,13 @@ def test_2xx_with_a_broken_body_is_a_validation_error(
 def test_a_failing_chunk_fails_the_call_with_its_own_error(
     make_client: ClientFactory, scripted: Factory
 ) -> None:
-    def reply(request: object) -> Reply:
-        items = request.body["items"]  # type: ignore[attr-defined]
+    def reply(request: Recorded) -> Reply:
+        items = request.body["items"]
         bad = [i for i, item in enumerate(items) if item["response"] == "bad"]
         if bad:  # the server names the item by its index in this request
-            body = {"error": {"type": "response_too_long", "message": "item too long"}}
-            body["error"]["index"] = bad[0]  # type: ignore[index]
-            return Reply(422, body)
-        return score_reply(request)  # type: ignore[arg-type]
+            error = {"type": "response_too_long", "message": "item too long", "index": bad[0]}
+            return Reply(422, {"error": error})
+        return score_reply(request)
 
     server = scripted(default=reply)
     responses = ["ok"] * 9 + ["bad"] + ["ok"] * 10

@@ -79,7 +79,10 @@ def test_score_all_input_forms_agree(new_client: Callable[..., Any], service_url
     assert_close(texts.scores, pairs.scores)
 
 
-def test_chunked_calls_equal_the_unchunked_call_in_order(service_url: str) -> None:
+@pytest.mark.anyio
+async def test_chunked_calls_equal_the_unchunked_call_in_order(service_url: str) -> None:
+    # The blocking clients below block this event loop, not the service's: the service runs
+    # on its own loop in its own thread (service_url in conftest.py).
     prompts, responses = many_items(37)
     with RewardClient(service_url) as whole:
         expected = whole.score(prompts, responses)
@@ -87,14 +90,8 @@ def test_chunked_calls_equal_the_unchunked_call_in_order(service_url: str) -> No
         got = chunked.score(prompts, responses)
     with RewardClient(service_url, max_items_per_request=4, max_concurrency=1) as sequential:
         got_sequential = sequential.score(prompts, responses)
-
-    async def run_async() -> Any:
-        async with AsyncRewardClient(
-            service_url, max_items_per_request=3, max_concurrency=4
-        ) as client:
-            return await client.score(prompts, responses)
-
-    got_async = asyncio.run(run_async())
+    async with AsyncRewardClient(service_url, max_items_per_request=3, max_concurrency=4) as client:
+        got_async = await client.score(prompts, responses)
     for result in (got, got_sequential, got_async):
         assert_close(result.scores, expected.scores)
         assert result.truncated == expected.truncated
@@ -184,9 +181,8 @@ def test_a_response_too_long_costs_only_its_own_score_unless_truncation_is_asked
         assert 1 not in ranked.indices
         assert [e.index for e in ranked.errors] == [1]
         assert math.isnan(ranked.scores[1])
-        chunked_rank = RewardClient(service_url, max_items_per_request=2).rank(
-            PROMPTS[0], [RESPONSES[0], long_response, RESPONSES[2]]
-        )
+        with RewardClient(service_url, max_items_per_request=2) as chunked:
+            chunked_rank = chunked.rank(PROMPTS[0], [RESPONSES[0], long_response, RESPONSES[2]])
         assert chunked_rank.indices == ranked.indices
         # A chunk with no item left is refused whole: the call raises, naming the item.
         responses[6] = responses[8] = long_response
@@ -200,15 +196,13 @@ def test_a_response_too_long_costs_only_its_own_score_unless_truncation_is_asked
     assert not truncated.errors
 
 
-def test_the_async_client_reads_per_item_errors_too(service_url: str) -> None:
-    async def main() -> None:
-        async with AsyncRewardClient(service_url, max_items_per_request=2) as client:
-            result = await client.score(PROMPTS[:3], [RESPONSES[0], "word " * 400, RESPONSES[2]])
-            assert [e.index for e in result.errors] == [1]
-            assert math.isnan(result.scores[1])
-            assert not math.isnan(result.scores[2])
-
-    asyncio.run(main())
+@pytest.mark.anyio
+async def test_the_async_client_reads_per_item_errors_too(service_url: str) -> None:
+    async with AsyncRewardClient(service_url, max_items_per_request=2) as client:
+        result = await client.score(PROMPTS[:3], [RESPONSES[0], "word " * 400, RESPONSES[2]])
+        assert [e.index for e in result.errors] == [1]
+        assert math.isnan(result.scores[1])
+        assert not math.isnan(result.scores[2])
 
 
 def test_models_ready_health(new_client: Callable[..., Any], service_url: str) -> None:
@@ -227,9 +221,10 @@ def test_models_ready_health(new_client: Callable[..., Any], service_url: str) -
     assert "sha256" not in str(info.manifest)  # the public part only
 
 
-def test_async_client_matches_the_sync_client(service_url: str) -> None:
+@pytest.mark.anyio
+async def test_async_client_matches_the_sync_client(service_url: str) -> None:
     prompt = PROMPTS[1]
-    with RewardClient(service_url) as client:
+    with RewardClient(service_url) as client:  # the service runs on its own loop and thread
         sync = (
             client.score(PROMPTS, RESPONSES),
             client.score_messages([[{"role": "assistant", "content": r}] for r in RESPONSES]),
@@ -238,23 +233,19 @@ def test_async_client_matches_the_sync_client(service_url: str) -> None:
             client.compare(prompt, RESPONSES[1], RESPONSES[0]),
             client.models(),
         )
-
-    async def run() -> Any:
-        async with AsyncRewardClient(service_url) as client:
-            assert await client.ready() is True
-            assert await client.health() == {"status": "ok"}
-            return (
-                await client.score(PROMPTS, RESPONSES),
-                await client.score_messages(
-                    [[{"role": "assistant", "content": r}] for r in RESPONSES]
-                ),
-                await client.score_texts(RESPONSES),
-                await client.rank(prompt, RESPONSES, top_k=3),
-                await client.compare(prompt, RESPONSES[1], RESPONSES[0]),
-                await client.models(),
-            )
-
-    got = asyncio.run(run())
+    async with AsyncRewardClient(service_url) as aclient:
+        assert await aclient.ready() is True
+        assert await aclient.health() == {"status": "ok"}
+        got = (
+            await aclient.score(PROMPTS, RESPONSES),
+            await aclient.score_messages(
+                [[{"role": "assistant", "content": r}] for r in RESPONSES]
+            ),
+            await aclient.score_texts(RESPONSES),
+            await aclient.rank(prompt, RESPONSES, top_k=3),
+            await aclient.compare(prompt, RESPONSES[1], RESPONSES[0]),
+            await aclient.models(),
+        )
     for sync_result, async_result in zip(sync[:3], got[:3], strict=True):
         assert_close(async_result.scores, sync_result.scores)
     assert got[3].indices == sync[3].indices
@@ -262,7 +253,8 @@ def test_async_client_matches_the_sync_client(service_url: str) -> None:
     assert got[5] == sync[5]
 
 
-def test_api_key_is_required_and_accepted(
+@pytest.mark.anyio
+async def test_api_key_is_required_and_accepted(
     keyed_service_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("RMSERVE_API_KEY", raising=False)
@@ -280,12 +272,9 @@ def test_api_key_is_required_and_accepted(
     with RewardClient(keyed_service_url) as client:
         assert client.models().model_name == "tiny-encoder"
 
-    async def run() -> None:
-        async with AsyncRewardClient(keyed_service_url, api_key="nope-0123456789abcdef") as c:
-            with pytest.raises(AuthenticationError):
-                await c.rank(PROMPTS[0], RESPONSES)
-
-    asyncio.run(run())
+    async with AsyncRewardClient(keyed_service_url, api_key="nope-0123456789abcdef") as c:
+        with pytest.raises(AuthenticationError):
+            await c.rank(PROMPTS[0], RESPONSES)
 
 
 def test_trl_reward_functions_standard_and_conversational(service_url: str) -> None:
@@ -325,11 +314,15 @@ def test_trl_reward_functions_standard_and_conversational(service_url: str) -> N
         return result
 
     assert async_func.__name__ == "harmless_rm_async"
+    # Two asyncio.run calls on purpose: each is a new event loop (as a trainer calling
+    # asyncio.run per step makes), and the second must get a fresh client, not the first
+    # loop's closed one. One async test has one loop, so this test stays blocking.
     assert_close(asyncio.run(run()), expected)
-    assert_close(asyncio.run(run()), expected)  # a second event loop gets a fresh client
+    assert_close(asyncio.run(run()), expected)
 
 
-def test_best_of_n_with_candidates_and_with_a_generator(service_url: str) -> None:
+@pytest.mark.anyio
+async def test_best_of_n_with_candidates_and_with_a_generator(service_url: str) -> None:
     prompt = PROMPTS[2]
     candidates = [*RESPONSES, "Sure, here is how to pick any lock."]
     with RewardClient(service_url) as client:
@@ -351,11 +344,9 @@ def test_best_of_n_with_candidates_and_with_a_generator(service_url: str) -> Non
     assert generated.candidates == tuple(candidates[:3])
     assert generated.best_index == max(range(3), key=lambda i: scores[i])
 
-    async def run() -> Any:
-        async def agenerate(p: Any, n: int) -> list[str]:
-            return candidates[:n]
+    async def agenerate(p: Any, n: int) -> list[str]:
+        return candidates[:n]
 
-        async with AsyncRewardClient(service_url) as client:
-            return await async_best_of_n(client, prompt, generate=agenerate, n=5)
-
-    assert asyncio.run(run()).best_index == best
+    async with AsyncRewardClient(service_url) as aclient:
+        best_async = await async_best_of_n(aclient, prompt, generate=agenerate, n=5)
+    assert best_async.best_index == best

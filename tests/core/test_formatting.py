@@ -74,7 +74,7 @@ def test_parse_transcript_keeps_blank_lines_inside_turns() -> None:
         parse_transcript("")
 
 
-texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
+texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40).filter(
     lambda s: "\n\nHuman: " not in s and "\n\nAssistant: " not in s and "\n\nSystem: " not in s
 )
 
@@ -93,13 +93,14 @@ def test_parse_inverts_render(turns: list[tuple[str, str]], response: str) -> No
 
 def test_text_formats_round_trip_through_the_manifest_form() -> None:
     from rmserve.formatting import (
+        AnyTextFormat,
         ChatTemplateFormat,
         TextFormat,
         TextPairFormat,
         text_format_from_dict,
     )
 
-    formats = [
+    formats: list[AnyTextFormat] = [
         TextFormat(),
         TextPairFormat(separator=" | "),
         ChatTemplateFormat(

@@ -155,7 +155,9 @@ def _deployment(rendered: dict[tuple[str, str], dict[str, Any]]) -> dict[str, An
 
 
 def _container(rendered: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    containers = _deployment(rendered)["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = _deployment(rendered)["spec"]["template"]["spec"][
+        "containers"
+    ]
     (container,) = [c for c in containers if c["name"] == "rmserve"]
     return container
 
@@ -414,7 +416,7 @@ def _admits(
         if "port" not in entry:
             return True
         first = named_ports[entry["port"]] if isinstance(entry["port"], str) else entry["port"]
-        return first <= port <= entry.get("endPort", first)
+        return bool(first <= port <= entry.get("endPort", first))
 
     return any(
         (not rule.get("from") or any(peer_admits(peer) for peer in rule["from"]))

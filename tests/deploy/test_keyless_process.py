@@ -108,5 +108,5 @@ def test_the_rendered_keyless_pod_scores_without_a_key(
             process.wait(timeout=pod["terminationGracePeriodSeconds"])
         except subprocess.TimeoutExpired:
             process.kill()
-    output = process.stdout.read() if process.stdout else ""
+    output, _ = process.communicate(timeout=30)  # reads, then closes the pipe
     assert process.returncode == 0, output

@@ -127,6 +127,6 @@ def test_the_rendered_cpu_pod_serves_and_drains(
     finally:
         if process.poll() is None:
             process.kill()
-    output = process.stdout.read() if process.stdout else ""
+    output, _ = process.communicate(timeout=30)  # reads, then closes the pipe
     assert code == 0, output
     assert _tree_digest(bundle) == before, "the server wrote into its (read-only) bundle mount"

@@ -2,8 +2,8 @@
 
 - SIGTERM while load runs: each request carries its own ``x-request-id``; a request the client
   got no answer for must not appear in the server's access log (the app never saw it: refused
-  at the socket), every request the app saw was answered, the process exits 0 within
-  ``drain_timeout_s``.
+  at the socket), every request the app saw was answered, the process exits 0 and its log
+  says the drain finished within ``drain_timeout_s``.
 - One batch fails inside the model (the runtime's ``run`` wrapped to raise once): exactly that
   batch's requests get a 500 with the JSON error body (no stack trace, no internals); the
   next batches score as before.
@@ -33,6 +33,7 @@ import pytest
 
 from rmserve.manifest import MANIFEST_NAME, sha256_file
 from tests.reliability.conftest import ServerProcess, free_port, serve_model, settings_for
+from tests.waiting import HANG_GUARD_S, wait_until_blocking
 
 PAIR = {"items": [{"prompt": "How do I bake bread?", "response": "Mix flour, water, yeast."}]}
 
@@ -53,7 +54,9 @@ def _log_lines(text: str) -> list[dict[str, Any]]:
 def test_sigterm_under_load_answers_every_accepted_request(
     tiny_encoder_bundle: Path, spawn: Callable[..., ServerProcess]
 ) -> None:
-    drain_timeout_s = 15.0
+    # The server's own bound on its drain; generous, so that it only catches a drain that
+    # never ends (whether it drained in time is read from its log, not from a clock here).
+    drain_timeout_s = 60.0
     server = spawn(
         tiny_encoder_bundle,
         "--max-wait-ms",
@@ -64,7 +67,8 @@ def test_sigterm_under_load_answers_every_accepted_request(
         "info",
     )
     server.wait_ready()
-    outcomes: list[tuple[str, float, str]] = []  # (request id, start time, status or error)
+    # (request id, worker, time its outcome was known, status or error)
+    outcomes: list[tuple[str, int, float, str]] = []
     lock = threading.Lock()
     stop = threading.Event()
     sigterm_at: list[float] = []
@@ -74,7 +78,6 @@ def test_sigterm_under_load_answers_every_accepted_request(
         while not stop.is_set():
             n += 1
             request_id = f"rel-{worker}-{n}"
-            started = time.monotonic()
             try:
                 # A new connection per request: each one is accepted, or refused, on its own.
                 r = httpx.post(
@@ -89,29 +92,45 @@ def test_sigterm_under_load_answers_every_accepted_request(
             except httpx.TransportError as e:
                 outcome = type(e).__name__
             with lock:
-                outcomes.append((request_id, started, outcome))
+                outcomes.append((request_id, worker, time.monotonic(), outcome))
             if outcome == "ConnectError":
                 time.sleep(0.05)
 
+    def answered_workers() -> set[int]:
+        with lock:
+            return {worker for _, worker, _, outcome in outcomes if outcome == "200"}
+
+    def refused_after_exit(exited_at: float) -> bool:
+        with lock:
+            return any(o == "ConnectError" and at > exited_at for _, _, at, o in outcomes)
+
     with ThreadPoolExecutor(6) as pool:
         workers = [pool.submit(load, i) for i in range(6)]
-        time.sleep(3.0)
-        sigterm_at.append(time.monotonic())
-        server.signal(signal.SIGTERM)
-        code = server.wait(drain_timeout_s + 30)
-        exited_after = time.monotonic() - sigterm_at[0]
-        time.sleep(0.5)  # new requests meet a closed port
-        stop.set()
+        try:
+            # Under load: every load thread has had answers, and goes on sending.
+            wait_until_blocking(lambda: len(answered_workers()) == 6, "an answer for each thread")
+            sigterm_at.append(time.monotonic())
+            server.signal(signal.SIGTERM)
+            code = server.wait(drain_timeout_s + 30)
+            exited_at = time.monotonic()
+            exited_after = exited_at - sigterm_at[0]
+            # New requests meet a closed port.
+            wait_until_blocking(
+                lambda: refused_after_exit(exited_at), "a request refused after the exit"
+            )
+        finally:
+            stop.set()
         for w in workers:
             w.result()
     log = server.log()
     seen_by_app = {line.get("request_id") for line in _log_lines(log) if "status" in line}
     counts: dict[str, int] = {}
     problems = []
-    for request_id, started, outcome in outcomes:
+    for request_id, _worker, known_at, outcome in outcomes:
         counts[outcome] = counts.get(outcome, 0) + 1
-        # Started a moment before SIGTERM, its connect() may still come after the port closed.
-        before_sigterm = started < sigterm_at[0] - 1.0
+        # Its outcome was known before SIGTERM was sent: the port was open all along. (One
+        # under way at SIGTERM may meet the closing port, however early it started.)
+        before_sigterm = known_at < sigterm_at[0]
         if outcome == "200":
             continue
         if outcome == "503":
@@ -131,10 +150,11 @@ def test_sigterm_under_load_answers_every_accepted_request(
     assert counts.get("200", 0) >= 6, counts  # each load thread got answers before SIGTERM
     assert counts.get("ConnectError", 0) > 0, "no request met the closed port after exit"
     assert code == 0, log[-2000:]
-    assert exited_after < drain_timeout_s, exited_after
     messages = [line["message"] for line in _log_lines(log)]
     assert "shutting down: draining" in messages
-    assert "stopped" in messages
+    # The server's own word that everything accepted was done within its drain deadline.
+    (stopped,) = [line for line in _log_lines(log) if line["message"] == "stopped"]
+    assert stopped["drained"] is True, stopped
 
 
 # --- an inference error in one batch ----------------------------------------------------------
@@ -280,9 +300,12 @@ def test_a_broken_bundle_exits_2_with_a_clear_error_and_is_never_ready(
 def test_healthz_answers_while_the_bundle_loads(
     minilm_bundle: Path, spawn: Callable[..., ServerProcess]
 ) -> None:
-    # MiniLM, not a tiny model: its ONNX session and warm-up take long enough (hundreds of ms)
-    # for the polling below to see the window between binding and readiness.
-    server = spawn(minilm_bundle, "--log-level", "warning")
+    # MiniLM, not a tiny model, in 8 instances: their 8 ONNX sessions and warm-ups keep the
+    # server live-but-not-ready for seconds (not hundreds of ms), a window the polling below
+    # sees on a loaded machine too.
+    server = spawn(
+        minilm_bundle, "--model-instances", "8", "--intra-op-threads", "1", "--log-level", "warning"
+    )
     seen: list[tuple[int, int]] = []
     deadline = time.monotonic() + 90
     while not seen or seen[-1][1] != 200:
@@ -321,6 +344,8 @@ def test_client_retries_carry_scoring_through_server_restarts(
     url = f"http://127.0.0.1:{port}"
     chunk = 6
 
+    scored = threading.Event()  # set after each chunk scored
+
     def score_all(client: RewardClient) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(prompts), chunk):
@@ -330,6 +355,7 @@ def test_client_retries_carry_scoring_through_server_restarts(
                 truncate_response=True,  # some HH responses exceed the tiny max_length
             )
             scores += list(result.scores)
+            scored.set()
         return scores
 
     with RewardClient(url, max_retries=10, timeout=10) as client:
@@ -351,14 +377,17 @@ def test_client_retries_carry_scoring_through_server_restarts(
             errors.append(e)
 
     caplog.set_level("INFO", logger="rmserve.client")
+    scored.clear()
     thread = threading.Thread(target=trainer)
     thread.start()
-    time.sleep(0.5)
+    # Each disruption comes while the trainer is scoring (it has just had a chunk scored).
+    assert scored.wait(HANG_GUARD_S), "the trainer never scored"
     server.process.kill()  # kill -9: no drain, connections reset
     server.wait(30)
     server = spawn(tiny_encoder_bundle, *flags, port=port)
     server.wait_ready()
-    time.sleep(0.5)
+    scored.clear()
+    assert scored.wait(HANG_GUARD_S), "the trainer never scored on the restarted server"
     server.signal(signal.SIGTERM)  # graceful: drains, then the port closes
     assert server.wait(60) == 0
     server = spawn(tiny_encoder_bundle, *flags, port=port)

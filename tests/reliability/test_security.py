@@ -197,11 +197,8 @@ def test_the_api_keys_flag_warns_about_process_listings() -> None:
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    serve = next(
-        a
-        for a in parser._subparsers._group_actions
-        if a.choices  # type: ignore[union-attr]
-    ).choices["serve"]  # type: ignore[index]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
     action = next(a for a in serve._actions if a.dest == "api_keys")
     assert "RMSERVE_API_KEYS" in action.help
     assert "process list" in action.help

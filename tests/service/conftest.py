@@ -112,6 +112,14 @@ def settings_for(bundle: Path, **overrides: Any) -> ServiceSettings:
     return ServiceSettings(**base)
 
 
+@pytest.fixture(scope="session")
+def pooled_client() -> Iterator[httpx.Client]:
+    """One pooled HTTP client for tests that send many requests (a new client per request
+    costs an SSL context each); closed when the session ends."""
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+        yield client
+
+
 @pytest.fixture(scope="module")
 def encoder_server(tiny_encoder_bundle: Path) -> Iterator[RunningServer]:
     with serve_app(settings_for(tiny_encoder_bundle, max_wait_ms=20.0)) as running:

@@ -10,10 +10,9 @@ import numpy.typing as npt
 import pytest
 
 from rmserve.service.batcher import Batcher, InferenceError
+from tests.waiting import HANG_GUARD_S
 
 IdArray = npt.NDArray[np.int64]
-# A guard against a hang only (a failing test instead of a stuck run), never a timing check.
-HANG_GUARD_S = 30.0
 
 
 def heads_model(k: int) -> Callable[[IdArray, IdArray], npt.NDArray[np.float32]]:
@@ -43,35 +42,31 @@ def seq(*ids: int) -> IdArray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def test_every_item_gets_its_own_row_of_heads() -> None:
-    async def main() -> None:
-        batcher = make(heads_model(3), heads=3)
-        batcher.start()
-        requests = [[seq(*range(1, 2 + (i * 5) % 7)) for _ in range(1 + i % 3)] for i in range(8)]
-        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
-        await batcher.close()
-        for request, result in zip(requests, results, strict=True):
-            expected = [[float(s.sum()) * j for j in (1, 2, 3)] for s in request]
-            assert result.head_scores.shape == (len(request), 3)
-            np.testing.assert_allclose(result.head_scores, expected)
-            with pytest.raises(ValueError, match="read head_scores"):
-                _ = result.scores
-        empty = await make(heads_model(3), heads=3).submit([])
-        assert empty.head_scores.shape == (0, 3)
-
-    asyncio.run(main())
+@pytest.mark.anyio
+async def test_every_item_gets_its_own_row_of_heads() -> None:
+    batcher = make(heads_model(3), heads=3)
+    batcher.start()
+    requests = [[seq(*range(1, 2 + (i * 5) % 7)) for _ in range(1 + i % 3)] for i in range(8)]
+    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    await batcher.close()
+    for request, result in zip(requests, results, strict=True):
+        expected = [[float(s.sum()) * j for j in (1, 2, 3)] for s in request]
+        assert result.head_scores.shape == (len(request), 3)
+        np.testing.assert_allclose(result.head_scores, expected)
+        with pytest.raises(ValueError, match="read head_scores"):
+            _ = result.scores
+    empty = await make(heads_model(3), heads=3).submit([])
+    assert empty.head_scores.shape == (0, 3)
 
 
-def test_one_head_keeps_its_flat_scores() -> None:
-    async def main() -> None:
-        batcher = make(lambda ids, mask: (ids * mask).sum(axis=1).astype(np.float32), heads=1)
-        batcher.start()
-        result = await batcher.submit([seq(1, 2), seq(5)])
-        await batcher.close()
-        assert result.scores.tolist() == [3.0, 5.0]
-        assert result.head_scores.shape == (2, 1)
-
-    asyncio.run(main())
+@pytest.mark.anyio
+async def test_one_head_keeps_its_flat_scores() -> None:
+    batcher = make(lambda ids, mask: (ids * mask).sum(axis=1).astype(np.float32), heads=1)
+    batcher.start()
+    result = await batcher.submit([seq(1, 2), seq(5)])
+    await batcher.close()
+    assert result.scores.tolist() == [3.0, 5.0]
+    assert result.head_scores.shape == (2, 1)
 
 
 @pytest.mark.parametrize(
@@ -83,17 +78,15 @@ def test_one_head_keeps_its_flat_scores() -> None:
         (3, lambda ids, mask: np.zeros(ids.shape[0], dtype=np.float32)),  # flat for 3 heads
     ],
 )
-def test_a_wrong_shape_fails_the_batch_instead_of_hanging(
+@pytest.mark.anyio
+async def test_a_wrong_shape_fails_the_batch_instead_of_hanging(
     heads: int, answer: Callable[[IdArray, IdArray], npt.NDArray[np.float32]]
 ) -> None:
-    async def main() -> None:
-        batcher = make(answer, heads=heads)
-        batcher.start()
-        with pytest.raises(InferenceError, match="ModelOutputError"):
-            await asyncio.wait_for(batcher.submit([seq(1, 2), seq(3, 4)]), HANG_GUARD_S)
-        # The batcher goes on with the next batch (which fails the same way here, promptly).
-        with pytest.raises(InferenceError):
-            await asyncio.wait_for(batcher.submit([seq(5), seq(6)]), HANG_GUARD_S)
-        await batcher.close()
-
-    asyncio.run(main())
+    batcher = make(answer, heads=heads)
+    batcher.start()
+    with pytest.raises(InferenceError, match="ModelOutputError"):
+        await asyncio.wait_for(batcher.submit([seq(1, 2), seq(3, 4)]), HANG_GUARD_S)
+    # The batcher goes on with the next batch (which fails the same way here, promptly).
+    with pytest.raises(InferenceError):
+        await asyncio.wait_for(batcher.submit([seq(5), seq(6)]), HANG_GUARD_S)
+    await batcher.close()

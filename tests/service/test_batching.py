@@ -33,12 +33,8 @@ def hh_items(examples: list[Any], count: int) -> list[dict[str, str]]:
     return items
 
 
-# One pooled client for all requests: a new client per request costs an SSL context each.
-CLIENT = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32))
-
-
-def score(server: RunningServer, items: list[dict[str, str]]) -> list[float]:
-    r = CLIENT.post(server.url + "/v1/score", json={"items": items, "truncate_response": True})
+def score(client: httpx.Client, server: RunningServer, items: list[dict[str, str]]) -> list[float]:
+    r = client.post(server.url + "/v1/score", json={"items": items, "truncate_response": True})
     assert r.status_code == 200, r.text
     return r.json()["scores"]  # type: ignore[no-any-return]
 
@@ -61,7 +57,10 @@ def direct_ort(bundle: Path, items: list[dict[str, str]]) -> list[float]:
 
 @pytest.mark.parametrize("which", ["encoder", "decoder"])
 def test_scores_do_not_depend_on_the_batch(
-    which: str, request: pytest.FixtureRequest, hh_dev_examples: list[Any]
+    which: str,
+    request: pytest.FixtureRequest,
+    hh_dev_examples: list[Any],
+    pooled_client: httpx.Client,
 ) -> None:
     server: RunningServer = request.getfixturevalue(f"{which}_server")
     bundle: Path = request.getfixturevalue(f"tiny_{which}_bundle")
@@ -69,7 +68,7 @@ def test_scores_do_not_depend_on_the_batch(
     lengths = {len(i["prompt"]) + len(i["response"]) for i in items}
     assert max(lengths) > 5 * min(lengths)  # really mixed lengths
 
-    alone = [score(server, [item])[0] for item in items]
+    alone = [score(pooled_client, server, [item])[0] for item in items]
 
     batches_before = server.metric("rmserve_batch_size_count")
     items_before = server.metric("rmserve_batch_size_sum")
@@ -83,7 +82,9 @@ def test_scores_do_not_depend_on_the_batch(
         groups.append(order[:take])
         order = order[take:]
     with ThreadPoolExecutor(max_workers=24) as pool:
-        results = list(pool.map(lambda g: score(server, [items[i] for i in g]), groups))
+        results = list(
+            pool.map(lambda g: score(pooled_client, server, [items[i] for i in g]), groups)
+        )
     together = [0.0] * len(items)
     for group, scores in zip(groups, results, strict=True):
         for i, s in zip(group, scores, strict=True):

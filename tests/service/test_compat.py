@@ -17,7 +17,9 @@ PROMPT = "\n\nHuman: Is it safe to eat raw cookie dough?\n\nAssistant: "
 RESPONSES = ["It can carry salmonella from raw eggs; heat-treated dough is safer.", "Yes."]
 
 
-def openrlhf_request_api_wrapper(url: str, data: dict[str, object], score_key: str = "rewards"):  # type: ignore[no-untyped-def]
+def openrlhf_request_api_wrapper(
+    url: str, data: dict[str, Any], score_key: str = "rewards"
+) -> tuple[Any, dict[str, Any]]:
     """What openrlhf/utils/remote_rm_utils.py does: requests.post(json=...) with a JSON
     content type, raise_for_status, then read the score key (here without the retry loop,
     so a failure fails the test)."""
@@ -53,7 +55,12 @@ def test_openrlhf_extra_fields_are_ignored_and_mismatch_is_422(
     encoder_server: RunningServer,
 ) -> None:
     url = encoder_server.url + "/get_reward"
-    data = {"query": [PROMPT + "x"], "prompts": [PROMPT], "labels": [None], "datasources": ["a"]}
+    data: dict[str, Any] = {
+        "query": [PROMPT + "x"],
+        "prompts": [PROMPT],
+        "labels": [None],
+        "datasources": ["a"],
+    }
     assert requests.post(url, json=data, timeout=30).status_code == 200
     bad = requests.post(url, json={"query": ["a", "b"], "prompts": ["a"]}, timeout=30)
     assert bad.status_code == 422
@@ -99,8 +106,9 @@ def test_openrlhf_long_responses_are_cut_and_flagged_not_refused(
         assert cut.status_code == 200
         assert cut.json()["truncated"] == [True]
         assert cut.json()["scores"][0] == pytest.approx(direct["scores"][0], abs=1e-6)
-        body = {"items": [long_item, {**pair, "response": "Short."}], "truncate_response": False}
-        asked = requests.post(server.url + "/v1/score", json=body, timeout=30)
+        mixed: dict[str, Any] = {"items": [long_item, {**pair, "response": "Short."}]}
+        mixed["truncate_response"] = False
+        asked = requests.post(server.url + "/v1/score", json=mixed, timeout=30)
         assert asked.status_code == 200
         assert asked.json()["scores"][0] is None
         assert server.metric("rmserve_refused_items_total", '{reason="response_too_long"}') == 1
@@ -117,7 +125,7 @@ def openrlhf_fetch_rewards(urls: list[str], queries: list[str], prompts: list[st
     answers = []
     for i, url in enumerate(urls):
         start, end = i * batch_size, min((i + 1) * batch_size, len(queries))
-        payload = {
+        payload: dict[str, Any] = {
             "query": queries[start:end],
             "prompts": prompts[start:end],
             "labels": [None] * max(0, end - start),

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -252,13 +253,16 @@ def test_the_client_carries_the_aggregate_std_and_members(server: RunningServer)
         assert chunked.rank(PROMPT, RESPONSES, aggregate="min").indices == ranked.indices
     logged: dict[str, float] = {}
     reward = trl_reward_func(server.url, aggregate="min", standard_format="pair")
-    rewards = reward(prompts, RESPONSES, log_metric=logged.__setitem__)
+    try:
+        rewards = reward(prompts, RESPONSES, log_metric=logged.__setitem__)
+    finally:
+        reward.close()
     np.testing.assert_allclose(rewards, members.min(axis=1), atol=1e-5)
     assert logged["rmserve_reward/reward_std"] == pytest.approx(members.std(axis=1).mean())
 
 
-def test_the_trl_example_optimises_uwo_against_an_ensemble(server: RunningServer) -> None:
-    import asyncio
+def _trl_example() -> ModuleType:
+    """A fresh copy of examples/trl_async_reward.py, loaded by path."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "examples" / "trl_async_reward.py"
@@ -267,20 +271,22 @@ def test_the_trl_example_optimises_uwo_against_an_ensemble(server: RunningServer
     assert spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.anyio
+async def test_the_trl_example_optimises_uwo_against_an_ensemble(server: RunningServer) -> None:
+    example = _trl_example()
     example.configure(server.url, aggregate="uwo", uwo_lambda=0.5)
     prompts = [PROMPT] * len(RESPONSES)
     logged: dict[str, float] = {}
-
-    async def step() -> list[float]:
-        try:
-            rewards: list[float] = await example.rmserve_reward(
-                prompts=prompts, completions=RESPONSES, log_metric=logged.__setitem__
-            )
-            return rewards
-        finally:
-            await example.aclose()
-
-    rewards = asyncio.run(step())
+    # The server runs in its own thread with its own event loop (serve_app).
+    try:
+        rewards: list[float] = await example.rmserve_reward(
+            prompts=prompts, completions=RESPONSES, log_metric=logged.__setitem__
+        )
+    finally:
+        await example.aclose()
     members = np.asarray(
         post(server, "/v1/score", {"items": pairs(), "return_members": True}).json()["members"]
     )

@@ -24,13 +24,18 @@ def minilm_server(minilm_bundle: Path) -> Iterator[RunningServer]:
 
 
 def test_minilm_batch_invariance_and_direct_parity(
-    minilm_server: RunningServer, minilm_bundle: Path, hh_dev_examples: list[Any]
+    minilm_server: RunningServer,
+    minilm_bundle: Path,
+    hh_dev_examples: list[Any],
+    pooled_client: httpx.Client,
 ) -> None:
     items = hh_items(hh_dev_examples, 12)
-    alone = [score(minilm_server, [item])[0] for item in items]
+    alone = [score(pooled_client, minilm_server, [item])[0] for item in items]
     with ThreadPoolExecutor(max_workers=12) as pool:
-        together = list(pool.map(lambda item: score(minilm_server, [item])[0], items))
-    whole = score(minilm_server, items)
+        together = list(
+            pool.map(lambda item: score(pooled_client, minilm_server, [item])[0], items)
+        )
+    whole = score(pooled_client, minilm_server, items)
     assert np.max(np.abs(np.array(alone) - np.array(together))) <= 1e-5
     assert np.max(np.abs(np.array(alone) - np.array(whole))) <= 1e-5
     assert np.max(np.abs(np.array(alone) - np.array(direct_ort(minilm_bundle, items)))) <= 1e-5

@@ -128,7 +128,8 @@ def _dev_sequences(bundle: Path, examples: list[PreferenceExample]) -> list[np.n
         model.close()
 
 
-def test_mixed_groups_and_lone_items_in_one_batch(
+@pytest.mark.anyio
+async def test_mixed_groups_and_lone_items_in_one_batch(
     tiny_decoder_bundle: Path, hh_dev_examples: list[PreferenceExample]
 ) -> None:
     sequences = _dev_sequences(tiny_decoder_bundle, hh_dev_examples)
@@ -141,32 +142,29 @@ def test_mixed_groups_and_lone_items_in_one_batch(
     assert not plain.packed
     seen: list[Any] = []
 
-    async def score_all() -> np.ndarray:
-        def run(batch_sequences: list[np.ndarray]) -> Any:
-            scores, batch = packed.run_sequences(batch_sequences)
-            seen.append(batch)
-            return scores, batch
+    def run(batch_sequences: list[np.ndarray]) -> Any:
+        scores, batch = packed.run_sequences(batch_sequences)
+        seen.append(batch)
+        return scores, batch
 
-        batcher = Batcher(
-            functools.partial(packed.run, instance=0),
-            packed=[run],
-            pad_token_id=manifest.pad_token_id,
-            max_batch_size=len(sequences),  # one full batch: every item at once
-            max_batch_tokens=10**6,
-            max_wait_s=60.0,
-            max_queue_items=1000,
-            max_padding_ratio=100.0,
-        )
-        batcher.start()
-        try:
-            # Concurrent requests: single items and a multi-item one, queued in one tick.
-            singles = [batcher.submit([s]) for s in sequences[:-4]]
-            results = await asyncio.gather(*singles, batcher.submit(sequences[-4:]))
-        finally:
-            await batcher.close()
-        return np.concatenate([r.scores for r in results])
-
-    got = asyncio.run(score_all())
+    batcher = Batcher(
+        functools.partial(packed.run, instance=0),
+        packed=[run],
+        pad_token_id=manifest.pad_token_id,
+        max_batch_size=len(sequences),  # one full batch: every item at once
+        max_batch_tokens=10**6,
+        max_wait_s=60.0,
+        max_queue_items=1000,
+        max_padding_ratio=100.0,
+    )
+    batcher.start()
+    try:
+        # Concurrent requests: single items and a multi-item one, queued in one tick.
+        singles = [batcher.submit([s]) for s in sequences[:-4]]
+        results = await asyncio.gather(*singles, batcher.submit(sequences[-4:]))
+    finally:
+        await batcher.close()
+    got = np.concatenate([r.scores for r in results])
     assert len(seen) == 1  # one model batch held them all
     (batch,) = seen
     assert batch.shared_tokens > 0
@@ -205,7 +203,8 @@ def test_bundles_without_a_packed_graph_serve_as_before(
     assert int8.info.file == "model.int8.onnx"
 
 
-def test_a_group_of_different_response_lengths_stays_in_one_batch() -> None:
+@pytest.mark.anyio
+async def test_a_group_of_different_response_lengths_stays_in_one_batch() -> None:
     """Batching keeps a prompt's items together when they are packed: a 60-token prompt
     with responses of 2 to 40 tokens gives items of 62 to 100 tokens, which the padding ratio
     cuts into several batches when every item is a row of its own; packed, they are one row."""
@@ -219,7 +218,7 @@ def test_a_group_of_different_response_lengths_stays_in_one_batch() -> None:
     lone = [np.asarray([7] * n, dtype=np.int64) for n in (20, 21)]
     sizes = {len(s) for s in group}
 
-    def batches_holding_the_group(packed: bool) -> int:
+    async def batches_holding_the_group(packed: bool) -> int:
         batches: list[set[int]] = []
 
         def plain(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -231,23 +230,20 @@ def test_a_group_of_different_response_lengths_stays_in_one_batch() -> None:
             batch = pack(sequences, 0, skip_token_id=None)
             return np.zeros((len(sequences), 1), dtype=np.float32), batch
 
-        async def main() -> None:
-            batcher = Batcher(
-                plain,
-                packed=[packed_fn] if packed else None,
-                pad_token_id=0,
-                max_batch_size=64,
-                max_batch_tokens=10_000,
-                max_wait_s=0.01,
-                max_queue_items=100,
-                max_padding_ratio=1.15,
-            )
-            batcher.start()
-            await batcher.submit([*group, *lone])
-            await batcher.close()
-
-        asyncio.run(main())
+        batcher = Batcher(
+            plain,
+            packed=[packed_fn] if packed else None,
+            pad_token_id=0,
+            max_batch_size=64,
+            max_batch_tokens=10_000,
+            max_wait_s=0.01,
+            max_queue_items=100,
+            max_padding_ratio=1.15,
+        )
+        batcher.start()
+        await batcher.submit([*group, *lone])
+        await batcher.close()
         return sum(1 for b in batches if b & sizes)
 
-    assert batches_holding_the_group(packed=False) > 1
-    assert batches_holding_the_group(packed=True) == 1
+    assert await batches_holding_the_group(packed=False) > 1
+    assert await batches_holding_the_group(packed=True) == 1

@@ -57,7 +57,8 @@ def wait_ready(process: subprocess.Popen[str], url: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited {process.returncode}: {process.stderr.read()}")  # type: ignore[union-attr]
+            _, stderr = process.communicate(timeout=30)
+            raise AssertionError(f"server exited {process.returncode}: {stderr}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return
@@ -118,7 +119,7 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(tiny_encoder_bundle
     finally:
         if process.poll() is None:
             process.kill()
-    stderr = process.stderr.read()  # type: ignore[union-attr]
+    _, stderr = process.communicate(timeout=30)  # reads, then closes the pipes
     assert len(results) == 12
     for r in results:
         assert isinstance(r, httpx.Response), f"request dropped: {r!r}\n{stderr}"
@@ -220,7 +221,8 @@ def test_the_service_imports_neither_torch_nor_transformers() -> None:
 def test_every_setting_is_a_flag_with_help() -> None:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
     flags = {a.dest: a for a in serve._actions}
     for name, field in ServiceSettings.model_fields.items():
         assert name in flags, name

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ Post = Callable[..., httpx.Response]
 PAIR = {"prompt": "How do I bake bread?", "response": "Mix flour, water, salt and yeast."}
 
 
-def error_of(response: httpx.Response) -> dict[str, str]:
+def error_of(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert set(body) == {"error"}, body
     assert isinstance(body["error"]["type"], str)
@@ -102,8 +103,8 @@ def test_a_response_too_long_is_refused_with_lengths_unless_truncation_is_asked(
     assert alone.status_code == 422
     error = error_of(alone)
     assert error["type"] == "response_too_long"
-    assert error["index"] == 0  # type: ignore[comparison-overlap]
-    assert error["response_tokens"] > error["max_response_tokens"]  # type: ignore[operator]
+    assert error["index"] == 0
+    assert error["response_tokens"] > error["max_response_tokens"]
     assert "truncate_response" in error["message"]
     ok = post("/v1/score", {"items": [PAIR, item], "truncate_response": True})
     assert ok.status_code == 200
@@ -138,7 +139,7 @@ def test_one_item_that_cannot_fit_costs_a_multi_item_request_only_its_own_score(
     # /v1/compare needs both responses: one that cannot fit refuses the comparison.
     compared = post("/v1/compare", {"prompt": "hi", "a": "short", "b": "word " * 400})
     assert compared.status_code == 422
-    assert error_of(compared)["index"] == 1  # type: ignore[comparison-overlap]
+    assert error_of(compared)["index"] == 1
 
 
 @pytest.mark.parametrize(
@@ -318,24 +319,20 @@ def test_a_bad_item_fails_only_its_own_request_under_concurrency(post: Post) -> 
     assert statuses == [422 if i % 4 == 0 else 200 for i in range(24)]
 
 
-def test_routes_that_need_the_model_say_it_is_loading_with_retry_after(
+@pytest.mark.anyio
+async def test_routes_that_need_the_model_say_it_is_loading_with_retry_after(
     tiny_encoder_bundle: Path,
 ) -> None:
     # The app before its lifespan ran: nothing is loaded yet, as in the first seconds of a pod.
-    import asyncio
-
     from rmserve.service.app import create_app
     from tests.service.conftest import settings_for
 
     app = create_app(settings_for(tiny_encoder_bundle))
-
-    async def ask() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rm") as client:
-            item = {"items": [{"prompt": "p", "response": "r"}]}
-            return [await client.get("/v1/models"), await client.post("/v1/score", json=item)]
-
-    for response in asyncio.run(ask()):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://rm") as client:
+        item = {"items": [{"prompt": "p", "response": "r"}]}
+        responses = [await client.get("/v1/models"), await client.post("/v1/score", json=item)]
+    for response in responses:
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "1"
         assert "still loading" in response.json()["error"]["message"]

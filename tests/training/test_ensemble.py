@@ -30,12 +30,13 @@ from rmserve.training.pairs import encode_examples
 from rmserve.training.scoring import onnx_scorer, pad_batch
 from rmserve.training.train import TrainResult, train_reward_model
 from rmserve.training.trainer import PreferenceCollator, PreferenceDataset
+from tests.conftest import RANDOM_WEIGHTS_INT8
 
 MEMBERS = 3
 EVAL_PAIRS = 24
 # Nearly random weights give near-tied rewards that int8 flips: the int8 decision check is
 # relaxed, as conftest.RANDOM_WEIGHTS_INT8 explains.
-RELAXED_INT8 = {"min_agreement": 0.0, "max_accuracy_drop": 1.0}
+RELAXED_INT8 = RANDOM_WEIGHTS_INT8
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from rmserve.training import export as export_module
 from rmserve.training.data import PreferenceExample
 from rmserve.training.export import ExportError, export_bundle
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch, torch_scorer
+from tests.model_zoo import reward_classifier
 
 TRACE_LENGTH = 8  # export_onnx's default trace shape
 
@@ -64,8 +65,10 @@ def test_bundle_contract(name: str, request: pytest.FixtureRequest) -> None:
     # graph's weights from model.onnx.data (the bundle stores them once).
     assert [p.name for p in bundle.glob("*.data")] == ["model.onnx.data"]
     packed = onnx.load(str(bundle / manifest.packed.files["fp32"]), load_external_data=False)
-    dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in packed.graph.input}
-    assert dims == {
+    packed_dims = {
+        i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in packed.graph.input
+    }
+    assert packed_dims == {
         "input_ids": ["rows", "sequence"],
         "position_ids": ["rows", "sequence"],
         "segment_ids": ["rows", "sequence"],
@@ -121,7 +124,7 @@ def test_manifest_records_parity_and_evaluation(tiny_decoder_bundle: Path) -> No
 def test_export_refuses_failed_fp32_parity(
     tiny_encoder_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_module.onnx_scorer
+    real = onnx_scorer  # what export_module.onnx_scorer is
 
     def perturbed(path: str) -> BatchScorer:
         run = real(path)
@@ -184,7 +187,7 @@ def test_gpt2_decoder_exports_with_parity(
     tmp_path: Path, hh_data_dir: Path, tiny_decoder_checkpoint: Path
 ) -> None:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
+    from transformers import AutoTokenizer, GPT2Config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_checkpoint)
     torch.manual_seed(1)
@@ -194,11 +197,10 @@ def test_gpt2_decoder_exports_with_parity(
         n_layer=2,
         n_head=2,
         n_positions=256,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
     )
     checkpoint = tmp_path / "gpt2"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(checkpoint)
+    reward_classifier(config).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     manifest = export_bundle(checkpoint, tmp_path / "bundle", max_length=200)
     assert manifest.architecture.model_type == "gpt2"

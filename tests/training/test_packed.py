@@ -25,11 +25,14 @@ from rmserve.training.export import export_bundle
 from rmserve.training.packed import _segment_mask, unpackable
 from rmserve.training.pairs import encode_examples
 from rmserve.training.scoring import pad_batch
+from tests.model_zoo import reward_classifier
 
 PAD = 0
 
 
-def _visible(batch_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, row: int, q: int):
+def _visible(
+    batch_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, row: int, q: int
+) -> list[tuple[int, int]]:
     """The (position, token) pairs query ``q`` of ``row`` attends to, in position order."""
     keys = np.flatnonzero(mask[row, 0, q] == 0)
     return sorted((int(positions[row, k]), int(batch_ids[row, k])) for k in keys)
@@ -72,7 +75,7 @@ def test_every_query_sees_exactly_its_own_item(items: list[np.ndarray], share: s
         assert seen == [(j, int(item[j])) for j in range(expected_position + 1)]
         for _, key in zip(seen, np.flatnonzero(mask[row, 0, at] == 0), strict=True):
             p = int(positions[row, key])
-            assert _visible(ids, positions, mask, row, key) == [
+            assert _visible(ids, positions, mask, row, int(key)) == [
                 (j, int(item[j])) for j in range(p + 1)
             ]
     assert batch.item_tokens == sum(len(x) for x in items)
@@ -116,15 +119,17 @@ def test_which_models_can_be_packed(tiny_decoder_checkpoint: Path) -> None:
         head_dim=8,
         sliding_window=16,
         pad_token_id=0,
-        num_labels=1,
     )
-    gemma = AutoModelForSequenceClassification.from_config(config)
+    gemma = reward_classifier(config)
     assert "sliding window of 16" in str(unpackable(gemma, "last", 128))
     assert unpackable(gemma, "last", 16) is None  # no item is longer than the window
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    (scores, *_) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    return np.asarray(scores)
 
 
 def test_the_exported_packed_graph_scores_dev_groups_as_whole_items(

@@ -18,6 +18,7 @@ from rmserve.training.data import PreferenceExample
 from rmserve.training.evaluate import encode_examples
 from rmserve.training.quantize import QuantizationError, quantize_int8
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
+from tests.model_zoo import reward_classifier
 
 MODELS = ["spread_encoder", "tiny_decoder"]
 INVARIANCE = 1e-5  # the issue's bound on |score alone - score in a batch|
@@ -40,7 +41,7 @@ def spread_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) 
     rewards differ from text to text (the conftest encoder's vary by 0.1%, too little to
     measure an error against)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer, BertConfig
 
     from rmserve.training.export import export_onnx
     from rmserve.training.modeling import RewardModel
@@ -54,11 +55,10 @@ def spread_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) 
         num_attention_heads=4,
         intermediate_size=256,
         initializer_range=0.2,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
     )
     assert tokenizer.pad_token_id == SPREAD_PAD_ID
-    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model = reward_classifier(config).eval()
     out = tmp_path_factory.mktemp("spread-encoder")
     export_onnx(RewardModel(model, "first"), out / "model.onnx")
     tokenizer.backend_tokenizer.save(str(out / TOKENIZER_NAME))

@@ -1,0 +1,38 @@
+"""Waiting for a condition instead of sleeping for a while.
+
+Tests on a shared, loaded machine must not assume that something else got scheduled within a
+fixed time. They wait for the condition itself; the timeout only turns a hang into a failure
+(``HANG_GUARD_S``, far beyond anything a working run needs) and is never a timing check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+__all__ = ["HANG_GUARD_S", "wait_until", "wait_until_blocking"]
+
+# A guard against a hang only (a failing test instead of a stuck run), never a timing check.
+HANG_GUARD_S = 60.0
+
+
+async def wait_until(
+    condition: Callable[[], bool], what: str, timeout_s: float = HANG_GUARD_S
+) -> None:
+    """Poll ``condition`` on the running event loop (other tasks run in between) until it is
+    true; AssertionError naming ``what`` if it is still false after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s:.0f} s: {what}"
+        await asyncio.sleep(0.005)
+
+
+def wait_until_blocking(
+    condition: Callable[[], bool], what: str, timeout_s: float = HANG_GUARD_S
+) -> None:
+    """``wait_until`` for blocking code (threads, processes): polls with ``time.sleep``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s:.0f} s: {what}"
+        time.sleep(0.01)
