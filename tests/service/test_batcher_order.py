@@ -1,0 +1,205 @@
+"""The batcher's edges that test_batcher.py does not pin: what a batcher may be built with, what
+QueueFullError carries, a drain that runs out of time, and the accounting a request gets back
+(float32 rows, inference time summed over its batches, never counted twice).
+
+No timing decides a result: a model that must stay busy is blocked on an event that the test
+sets, and a drain meant to time out waits on that blocked model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from rmserve.service.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
+from tests.waiting import HANG_GUARD_S
+
+NEVER_S = 3600.0
+
+
+def constant(
+    input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
+    return np.asarray((input_ids * attention_mask).sum(axis=1), dtype=np.float32)
+
+
+def make(**overrides: float) -> Batcher:
+    limits: dict[str, float] = {
+        "max_batch_size": 1,
+        "max_batch_tokens": 1,
+        "max_wait_s": 0.0,
+        "max_queue_items": 1,
+    }
+    limits.update(overrides)
+    return Batcher(
+        constant,
+        pad_token_id=0,
+        max_batch_size=int(limits["max_batch_size"]),
+        max_batch_tokens=int(limits["max_batch_tokens"]),
+        max_wait_s=limits["max_wait_s"],
+        max_queue_items=int(limits["max_queue_items"]),
+    )
+
+
+def test_limits_of_one_are_the_smallest_accepted() -> None:
+    batcher = make()
+    assert (batcher.max_batch_size, batcher.max_batch_tokens, batcher.max_queue_items) == (1, 1, 1)
+    Batcher(
+        constant,
+        pad_token_id=0,
+        max_batch_size=1,
+        max_batch_tokens=1,
+        max_wait_s=0.0,
+        max_queue_items=1,
+        num_heads=1,
+    )
+
+
+@pytest.mark.parametrize("field", ["max_batch_size", "max_batch_tokens", "max_queue_items"])
+def test_each_limit_below_one_alone_is_refused(field: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^max_batch_size, max_batch_tokens, max_queue_items and num_heads must be >= 1$",
+    ):
+        make(**{field: 0})
+
+
+def test_no_heads_or_no_inference_function_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"num_heads must be >= 1$"):
+        Batcher(
+            constant,
+            pad_token_id=0,
+            max_batch_size=1,
+            max_batch_tokens=1,
+            max_wait_s=0.0,
+            max_queue_items=1,
+            num_heads=0,
+        )
+    with pytest.raises(ValueError, match=r"^a batcher needs at least one inference function$"):
+        Batcher(
+            [],
+            pad_token_id=0,
+            max_batch_size=1,
+            max_batch_tokens=1,
+            max_wait_s=0.0,
+            max_queue_items=1,
+        )
+
+
+def test_packed_functions_must_match_the_instances() -> None:
+    with pytest.raises(ValueError, match=r"^give one packed inference function per instance$"):
+        Batcher(
+            [constant, constant],
+            packed=[],
+            pad_token_id=0,
+            max_batch_size=1,
+            max_batch_tokens=1,
+            max_wait_s=0.0,
+            max_queue_items=1,
+        )
+
+
+def test_a_full_queue_says_how_full_and_when_to_retry() -> None:
+    batcher = make(max_queue_items=3, max_batch_size=2)
+    batcher.check_admission(3)  # exactly the capacity fits
+    with pytest.raises(QueueFullError) as full:
+        batcher.check_admission(4)
+    assert (full.value.queued, full.value.capacity, full.value.retry_after_s) == (0, 3, 1)
+    assert str(full.value) == (
+        "the queue holds 0 of at most 3 items; retry after 1 s or send fewer items per request"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_request_gets_float32_rows_and_the_inference_time_of_its_batches() -> None:
+    stats: list[BatchStats] = []
+    queue_lengths: list[int] = []
+    batcher = Batcher(
+        constant,
+        pad_token_id=0,
+        max_batch_size=2,
+        max_batch_tokens=64,
+        max_wait_s=0.0,
+        max_queue_items=16,
+        on_batch=stats.append,
+        on_queue_change=queue_lengths.append,
+    )
+    batcher.start()
+    try:
+        sequences = [np.arange(1, n + 1, dtype=np.int64) for n in (1, 2, 3, 4, 5)]
+        scored = await asyncio.wait_for(batcher.submit(sequences), HANG_GUARD_S)
+    finally:
+        await batcher.close()
+    assert scored.head_scores.dtype == np.float32
+    assert scored.scores.tolist() == [float(n * (n + 1) // 2) for n in (1, 2, 3, 4, 5)]
+    assert sum(s.size for s in stats) == 5
+    assert len(stats) >= 3  # at most two items per batch
+    # Each batch's time once, although it held two of the request's items.
+    assert scored.inference_s == pytest.approx(sum(s.inference_s for s in stats))
+    assert scored.queue_s >= 0.0
+    assert queue_lengths[0] == 5  # the request's items arrived together
+    assert queue_lengths[-1] == 0  # and all left the queue
+
+
+@pytest.mark.anyio
+async def test_retry_after_grows_with_the_batches_queued_ahead() -> None:
+    # Never started: what is submitted stays queued, and close() fails it.
+    batcher = Batcher(
+        [constant, constant],
+        pad_token_id=0,
+        max_batch_size=2,
+        max_batch_tokens=64,
+        max_wait_s=NEVER_S,
+        max_queue_items=100,
+    )
+    waiting = asyncio.ensure_future(batcher.submit([np.ones(2, dtype=np.int64)] * 100))
+    await asyncio.sleep(0)  # submit() queues its items before its first await
+    assert batcher.queued_items == 100
+    with pytest.raises(QueueFullError) as full:
+        batcher.check_admission(1)
+    # 100 items, 2 per batch on each of 2 instances: 25 batches ahead of 0.05 s (the first
+    # estimate of a batch's time) each, rounded up.
+    assert (full.value.queued, full.value.capacity, full.value.retry_after_s) == (100, 100, 2)
+    await batcher.close()
+    with pytest.raises(BatcherClosedError, match=r"^the service stopped$"):
+        await waiting
+    with pytest.raises(BatcherClosedError, match=r"shutting down"):
+        batcher.check_admission(1)  # a closed batcher takes nothing new
+
+
+@pytest.mark.anyio
+async def test_a_drain_that_runs_out_of_time_says_so() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocked(
+        input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        started.set()
+        release.wait(HANG_GUARD_S)
+        return constant(input_ids, attention_mask)
+
+    batcher = Batcher(
+        blocked,
+        pad_token_id=0,
+        max_batch_size=1,
+        max_batch_tokens=64,
+        max_wait_s=NEVER_S,
+        max_queue_items=4,
+    )
+    batcher.start()
+    request = asyncio.ensure_future(batcher.submit([np.ones(3, dtype=np.int64)]))
+    try:
+        assert await asyncio.to_thread(started.wait, HANG_GUARD_S)  # the batch is running
+        # The model is blocked until released: the drain cannot finish in time.
+        assert await batcher.drain(0.01) is False
+        assert batcher.in_flight_items == 1
+        release.set()
+        assert await batcher.drain(HANG_GUARD_S) is True
+        assert (await request).scores.tolist() == [3.0]
+    finally:
+        release.set()
+        await batcher.close()
