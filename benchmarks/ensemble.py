@@ -5,6 +5,7 @@
     python -m benchmarks.ensemble cost       # ORT scoring cost per pair, single vs ensemble
     python -m benchmarks.ensemble summary    # the table of docs/training.md from the JSON
     python -m benchmarks.ensemble timing     # seed 0's two runs again, on a quieter machine
+    python -m benchmarks.ensemble independent  # 3 seeds x --ensemble-diversity independent
 
 Each stage appends to ``benchmarks/results/cpu/ensemble.json`` as each measurement comes (a
 stopped run keeps what it measured; ``train`` and ``evaluate`` skip what is already there), and
@@ -22,6 +23,10 @@ keeps its checkpoints and bundles under ``artifacts/ensemble-bench/`` (not in gi
 - ``cost`` scores the same dev batches with the single bundle and the ensemble bundle of one
   seed, interleaved round by round, and reports the median time per pair of each and their
   ratio.
+- ``independent`` trains ``--ensemble 4 --ensemble-diversity independent`` (K whole models,
+  each on its own bootstrap resample and seed) for the same seeds, evaluates each as
+  ``evaluate`` does, and measures its serving cost against one of its own members exported
+  alone (a single model of the default recipe: the same architecture and length).
 """
 
 from __future__ import annotations
@@ -69,11 +74,22 @@ def _runs(
     return runs
 
 
-def train(members: int, seeds: tuple[int, ...], prefix: str = "") -> None:
+def _independent_runs(members: int, seeds: tuple[int, ...]) -> list[tuple[str, int, list[str]]]:
+    flags = ["--ensemble", str(members), "--ensemble-diversity", "independent"]
+    return [(f"independent{members}-seed{seed}", seed, flags) for seed in seeds]
+
+
+def train(
+    members: int,
+    seeds: tuple[int, ...],
+    prefix: str = "",
+    runs: list[tuple[str, int, list[str]]] | None = None,
+) -> None:
     """Train each run not yet recorded, one at a time (never two: 2 cores). ``prefix``
-    names a repeat of runs (``timing-``: the same runs again, for their time alone)."""
+    names a repeat of runs (``timing-``: the same runs again, for their time alone);
+    ``runs``: others than single and ensemble alternating."""
     LOGS.mkdir(parents=True, exist_ok=True)
-    for name, seed, extra in _runs(members, seeds, prefix):
+    for name, seed, extra in runs or _runs(members, seeds, prefix):
         results = _load()
         if name in results["train"]:
             continue
@@ -144,7 +160,9 @@ def _dev_encoded(bundle: Path) -> tuple[Any, Any]:
     return manifest, encode_examples(examples, encoder, manifest.text_format)
 
 
-def evaluate(members: int, seeds: tuple[int, ...]) -> None:
+def evaluate(
+    members: int, seeds: tuple[int, ...], runs: list[tuple[str, int, list[str]]] | None = None
+) -> None:
     """Export each trained checkpoint (fp32) and score dev through onnxruntime."""
     from rmserve.training.data import read_examples
     from rmserve.training.export import export_bundle
@@ -153,7 +171,7 @@ def evaluate(members: int, seeds: tuple[int, ...]) -> None:
     from rmserve.training.uncertainty import ensemble_metrics, score_members
 
     dev = read_examples(str(DEV)).examples
-    for name, _, _ in _runs(members, seeds):
+    for name, _, _ in runs or _runs(members, seeds):
         results = _load()
         if name not in results["train"] or name in results["evaluate"]:
             continue
@@ -245,17 +263,40 @@ def cross_seed(seeds: tuple[int, ...]) -> None:
     print(f"ensemble bench: cross-seed ensemble of {len(seeds)}: {record['accuracy']:.4f}")
 
 
-def cost(members: int, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> None:
+def independent_cost(members: int, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> None:
+    """The independent ensemble's serving cost against its first member exported alone."""
+    from rmserve.training.data import read_examples
+    from rmserve.training.export import export_bundle
+
+    name = f"independent{members}-seed{seed}"
+    member = WORK / f"{name}-member0-bundle"
+    if not (member / "rmserve.json").is_file():
+        dev = read_examples(str(DEV)).examples
+        export_bundle(WORK / name / "member_0", member, eval_pairs=dev, eval_data=str(DEV))
+    bundles = {"single": member, f"independent{members}": WORK / f"{name}-bundle"}
+    cost(members, seed, rounds, batch_sizes, bundles=bundles, key="independent_cost")
+
+
+def cost(
+    members: int,
+    seed: int,
+    rounds: int,
+    batch_sizes: tuple[int, ...],
+    bundles: dict[str, Path] | None = None,
+    key: str = "cost",
+) -> None:
     """Median time per dev pair of the single and the ensemble bundle, the same batches,
-    interleaved round by round (the machine's load drifts; the ratio stays comparable)."""
+    interleaved round by round (the machine's load drifts; the ratio stays comparable).
+    ``bundles``: "single" and the other, recorded under ``key``."""
     import onnxruntime as ort
 
     from rmserve.training.scoring import pad_batch
 
-    bundles = {
+    bundles = bundles or {
         "single": WORK / f"single-seed{seed}-bundle",
         f"ensemble{members}": WORK / f"ensemble{members}-seed{seed}-bundle",
     }
+    other = next(name for name in bundles if name != "single")
     manifest, encoded = _dev_encoded(bundles["single"])
     order = sorted(range(len(encoded.ids)), key=lambda i: len(encoded.ids[i]))
     pairs = len(encoded.winners)
@@ -291,13 +332,12 @@ def cost(members: int, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> 
                     sessions[name].run(["reward"], {"input_ids": ids, "attention_mask": mask})
                 times[name].append((time.perf_counter() - started) / pairs)
         medians = {name: statistics.median(t) for name, t in times.items()}
-        single, ensemble = medians["single"], medians[f"ensemble{members}"]
+        single, ensemble = medians["single"], medians[other]
         record[f"batch{batch_size}"] = {
             "ms_per_pair": {name: round(v * 1e3, 4) for name, v in medians.items()},
             "ratio": round(ensemble / single, 4),
             "ratio_per_round": [
-                round(e / s, 4)
-                for s, e in zip(times["single"], times[f"ensemble{members}"], strict=True)
+                round(e / s, 4) for s, e in zip(times["single"], times[other], strict=True)
             ],
         }
         print(f"ensemble bench: cost batch {batch_size}: {record[f'batch{batch_size}']}")
@@ -306,7 +346,7 @@ def cost(members: int, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> 
         name: (bundle / "model.onnx").stat().st_size for name, bundle in bundles.items()
     }
     results = _load()
-    results["cost"] = record
+    results[key] = record
     _save(results)
 
 
@@ -321,7 +361,8 @@ def summary(members: int, seeds: tuple[int, ...]) -> dict[str, Any]:
         return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
     table: dict[str, Any] = {}
-    for recipe, prefix in (("single", "single"), (f"ensemble{members}", f"ensemble{members}")):
+    recipes = ("single", f"ensemble{members}", f"independent{members}")
+    for recipe, prefix in ((r, r) for r in recipes):
         names = [f"{prefix}-seed{s}" for s in seeds]
         trained = [results["train"][n] for n in names if n in results["train"]]
         evaluated = [results["evaluate"][n] for n in names if n in results["evaluate"]]
@@ -377,6 +418,15 @@ def summary(members: int, seeds: tuple[int, ...]) -> dict[str, Any]:
         and f"single-seed{s}" in results["evaluate"]
     ]
     table["ensemble_minus_single_same_seed"] = stats(paired)
+    table["independent_minus_single_same_seed"] = stats(
+        [
+            results["evaluate"][f"independent{members}-seed{s}"]["accuracy"]
+            - results["evaluate"][f"single-seed{s}"]["accuracy"]
+            for s in seeds
+            if f"independent{members}-seed{s}" in results["evaluate"]
+            and f"single-seed{s}" in results["evaluate"]
+        ]
+    )
     results = _load()
     results["summary"] = table
     _save(results)
@@ -386,7 +436,10 @@ def summary(members: int, seeds: tuple[int, ...]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ensemble", description=__doc__)
-    parser.add_argument("stage", choices=["train", "evaluate", "cost", "summary", "timing", "all"])
+    parser.add_argument(
+        "stage",
+        choices=["train", "evaluate", "cost", "summary", "timing", "independent", "all"],
+    )
     parser.add_argument("--members", type=int, default=MEMBERS)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--cost-seed", type=int, default=0, help="bundles the cost stage compares")
@@ -403,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         cross_seed(seeds)
     if args.stage in ("cost", "all"):
         cost(args.members, args.cost_seed, args.rounds, tuple(args.batch_sizes))
-    if args.stage in ("summary", "all"):
+    if args.stage == "independent":
+        runs = _independent_runs(args.members, seeds)
+        train(args.members, seeds, runs=runs)
+        evaluate(args.members, seeds, runs=runs)
+        independent_cost(args.members, args.cost_seed, args.rounds, tuple(args.batch_sizes))
+    if args.stage in ("summary", "independent", "all"):
         summary(args.members, seeds)
     return 0
 
