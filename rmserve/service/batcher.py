@@ -7,11 +7,11 @@ forms a batch when one of these is reached:
 - ``max_batch_size`` items;
 - ``max_wait_s`` since the oldest waiting item arrived (or the service is draining).
 
-Waiting items are sorted by length and cut into consecutive runs under those limits and
-under ``max_padding_ratio`` (padded / real tokens), so each batch holds items of similar
-length and little compute goes to padding. A "full" run is sent at once; otherwise the run
-holding the oldest item is sent when that item's wait is up, which also bounds how long a
-long item can be passed over.
+Waiting items are sorted by length and cut into consecutive *candidates* (batches that could
+be sent) under those limits and under ``max_padding_ratio`` (padded / real tokens), so each
+batch holds items of similar length and little compute goes to padding. A "full" candidate is
+sent at once; otherwise the candidate holding the oldest item is sent when that item's wait is
+up, which also bounds how long a long item can be passed over.
 
 Each model instance (an ORT session; :mod:`rmserve.service.runtime`) has one worker thread and
 runs one batch at a time; a batch goes to the instance with the least work. ORT releases the
@@ -217,7 +217,8 @@ class Batcher:
         return len(self._pending)
 
     @property
-    def in_flight_items(self) -> int:
+    def unfinished_items(self) -> int:
+        """Items queued or in a batch that has not finished (what a drain waits for)."""
         return len(self._pending) + sum(len(batch) for batch in self._batches.values())
 
     async def drain(self, timeout_s: float) -> bool:
@@ -230,7 +231,7 @@ class Batcher:
         except asyncio.TimeoutError:
             logger.error(
                 "drain timed out",
-                extra={"items_left": self.in_flight_items, "timeout_s": timeout_s},
+                extra={"items_left": self.unfinished_items, "timeout_s": timeout_s},
             )
             return False
         return True
@@ -341,40 +342,40 @@ class Batcher:
 
         Pending items are taken as *units* (:meth:`_units`: one item each, or with packed
         inference the items that share a prompt) sorted by length and cut into consecutive
-        runs: a run ends where the next (longer) unit would break the size limit or the token
-        budget (the run is then "full") or would push the run's padded/real token ratio over
-        ``max_padding_ratio`` (the run may still fill with units of its own length). The run
-        holding the oldest item goes once that item has waited ``max_wait_s`` (or when
-        draining); before that only a full run goes, the one with the oldest item among full
-        runs.
+        candidates: a candidate ends where the next (longer) unit would break the size limit
+        or the token budget (the candidate is then "full") or would push its padded/real token
+        ratio over ``max_padding_ratio`` (it may still fill with units of its own length). The
+        candidate holding the oldest item goes once that item has waited ``max_wait_s`` (or
+        when draining); before that only a full candidate goes, the one with the oldest item
+        among full candidates.
         """
         pending = self._pending
         if not pending:
             return None
         oldest = pending[0]
-        runs: list[tuple[list[_Item], bool]] = []  # (items, full)
-        run: list[_Item] = []
+        candidates: list[tuple[list[_Item], bool]] = []  # (items, full)
+        candidate: list[_Item] = []
         rows = real = 0
         for unit, length in sorted(self._units(pending), key=lambda u: u[1]):
-            # Sorted ascending: if added, the new unit is the longest row of the run.
-            if run:
-                count = len(run) + len(unit)
+            # Sorted ascending: if added, the new unit is the longest row of the candidate.
+            if candidate:
+                count = len(candidate) + len(unit)
                 full = count > self.max_batch_size or (rows + 1) * length > self.max_batch_tokens
                 if full or (rows + 1) * length > self.max_padding_ratio * (real + length):
-                    runs.append((run, full))
-                    run, rows, real = [], 0, 0
-            run.extend(unit)
+                    candidates.append((candidate, full))
+                    candidate, rows, real = [], 0, 0
+            candidate.extend(unit)
             rows += 1
             real += length
-        runs.append((run, len(run) >= self.max_batch_size))
+        candidates.append((candidate, len(candidate) >= self.max_batch_size))
         expired = self._draining or now - oldest.request.enqueued_at >= self.max_wait_s
         if expired:
-            return next(r for r, _ in runs if any(item is oldest for item in r))
-        full_runs = [r for r, full in runs if full]
-        if not full_runs:
+            return next(c for c, _ in candidates if any(item is oldest for item in c))
+        full_candidates = [c for c, full in candidates if full]
+        if not full_candidates:
             return None
         age = {id(item): position for position, item in enumerate(pending)}
-        return min(full_runs, key=lambda r: min(age[id(item)] for item in r))
+        return min(full_candidates, key=lambda c: min(age[id(item)] for item in c))
 
     def _units(self, pending: list[_Item]) -> list[tuple[list[_Item], int]]:
         """(items, row length) that batching keeps together: each item alone, or, with

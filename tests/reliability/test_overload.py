@@ -477,7 +477,7 @@ async def test_beyond_max_concurrent_requests_a_post_is_refused_before_its_body_
                     for _ in range(2)
                 ]
                 await wait_until(
-                    lambda: batcher.in_flight_items == 2, "the two requests reached the batcher"
+                    lambda: batcher.unfinished_items == 2, "the two requests reached the batcher"
                 )
                 # Not JSON at all: a parsed body would be a 400; refused unparsed, a 429.
                 refused = await asyncio.to_thread(

@@ -327,7 +327,7 @@ async def test_a_busy_instance_takes_its_next_batch_before_the_running_one_ends(
     # Both submissions queue their 4 items; the scheduler then hands out what it will in one
     # go (it does not yield between batches), so this sees the queue only after that.
     await wait_until(
-        lambda: batcher.in_flight_items == 6 and batcher.queued_items <= 2,
+        lambda: batcher.unfinished_items == 6 and batcher.queued_items <= 2,
         "both submissions queued and the scheduler took a batch",
     )
     # The second batch left the queue for the instance while the first still runs;
@@ -352,7 +352,7 @@ async def test_close_fails_requests_whose_batches_are_still_running() -> None:
         stuck = asyncio.create_task(batcher.submit([seq(1)]))
         await wait_until(model.started.is_set, "the batch reached the model")
         assert batcher.queued_items == 0
-        assert batcher.in_flight_items == 1
+        assert batcher.unfinished_items == 1
         await batcher.close()
         with pytest.raises(BatcherClosedError):
             await asyncio.wait_for(stuck, HANG_GUARD_S)

@@ -196,7 +196,7 @@ async def test_a_drain_that_runs_out_of_time_says_so() -> None:
         assert await asyncio.to_thread(started.wait, HANG_GUARD_S)  # the batch is running
         # The model is blocked until released: the drain cannot finish in time.
         assert await batcher.drain(0.01) is False
-        assert batcher.in_flight_items == 1
+        assert batcher.unfinished_items == 1
         release.set()
         assert await batcher.drain(HANG_GUARD_S) is True
         assert (await request).scores.tolist() == [3.0]
