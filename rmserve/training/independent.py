@@ -30,7 +30,7 @@ from rmserve.training.ensemble import DIVERSITY_DESCRIPTIONS, member_seeds
 from rmserve.training.metadata import EnsembleInfo, TrainingInfo
 from rmserve.training.modeling import architecture_of, load_tokenizer
 from rmserve.training.pairs import encode_examples, pair_metrics
-from rmserve.training.results import TrainResult
+from rmserve.training.results import TrainResult, print_summary
 from rmserve.training.scoring import (
     BatchScorer,
     sampled_normalization,
@@ -93,6 +93,7 @@ def train_independent_ensemble(
                 limit=limit,
                 text_format=text_format,
                 bootstrap_seed=seed,
+                summary=False,
             )
         )
     first = TrainingInfo.read(root / names[0])
@@ -123,7 +124,7 @@ def train_independent_ensemble(
         dataclasses.replace(
             first, normalization=normalization, evaluation=evaluation, ensemble=ensemble
         ).write(root)
-    return TrainResult(
+    result = TrainResult(
         out=root,
         train_loss=sum(r.train_loss for r in results) / members,
         losses=[loss for r in results for loss in r.losses],
@@ -135,7 +136,12 @@ def train_independent_ensemble(
         max_length=first.max_length,
         ensemble=ensemble,
         member_accuracy=member_accuracy,
+        steps=sum(r.steps for r in results),
+        seconds=sum(r.seconds or 0.0 for r in results),
     )
+    if config.process_index == 0:
+        print_summary(result)
+    return result
 
 
 @dataclass(frozen=True)

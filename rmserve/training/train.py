@@ -7,7 +7,6 @@ normalization on the training pairs, final evaluation) that ``rmserve export`` r
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from rmserve.training.modeling import (
     resolve_base,
 )
 from rmserve.training.pairs import decision_credit
-from rmserve.training.results import TrainResult
+from rmserve.training.results import TrainResult, print_summary
 from rmserve.training.trainer import PreferenceDataset, RewardTrainer
 
 if TYPE_CHECKING:
@@ -126,6 +125,7 @@ def train_reward_model(
     limit: int | None = None,
     text_format: TextFormat | None = None,
     bootstrap_seed: int | None = None,
+    summary: bool = True,
 ) -> TrainResult:
     """Train a Bradley-Terry reward model on ``data`` and save it to ``out``.
 
@@ -135,7 +135,9 @@ def train_reward_model(
     ``config.ensemble`` K > 1 trains an ensemble (:mod:`rmserve.training.ensemble`): K heads
     on one backbone, or K whole models (``ensemble_diversity="independent"``).
     ``bootstrap_seed`` weighs the training examples by a Poisson(1) bootstrap resample drawn
-    from it (how each member of an independent ensemble is trained).
+    from it (how each member of an independent ensemble is trained). ``summary``: print the
+    run's JSON summary line on stdout (an independent ensemble prints one for itself, none per
+    member).
     """
     import torch
 
@@ -183,11 +185,14 @@ def train_reward_model(
         max_length=built.max_length,
         ensemble=built.ensemble,
         member_accuracy=tuple(member_accuracy),
+        steps=trainer.state.global_step,
+        seconds=output.metrics.get("train_runtime"),
     )
     trainer.save_model(str(result.out))
     if trainer.is_world_process_zero():
         _save_training_info(result, built, fmt, base, data, eval_data)
-        _print_summary(result, steps=trainer.state.global_step, metrics=output.metrics)
+        if summary:
+            print_summary(result)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank leaves before the checkpoint is complete
     return result
@@ -329,29 +334,3 @@ def _save_training_info(
         eval_data=_absolute(eval_data),
         ensemble=result.ensemble,
     ).write(result.out)
-
-
-def _print_summary(result: TrainResult, *, steps: int, metrics: dict[str, Any]) -> None:
-    """One JSON line on stdout: what the run did, for scripts (``rmserve train``'s output)."""
-    summary: dict[str, Any] = {
-        "out": str(result.out),
-        "train_loss": result.train_loss,
-        "train_examples": result.train_examples,
-        "skipped": result.skipped,
-        "parted": result.parted,
-        "max_length": result.max_length,
-        "steps": steps,
-        "seconds": metrics.get("train_runtime"),
-    }
-    evaluation = result.evaluation
-    if evaluation is not None:
-        summary |= {
-            "eval_accuracy": evaluation.accuracy,
-            "eval_n": evaluation.n,
-            "shorter_wins_accuracy": evaluation.shorter_wins_accuracy,
-        }
-    if result.ensemble is not None:
-        summary |= {"ensemble": result.ensemble.members, "diversity": result.ensemble.diversity}
-        if result.member_accuracy:
-            summary["member_accuracy"] = list(result.member_accuracy)
-    print(json.dumps(summary), flush=True)

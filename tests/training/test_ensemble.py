@@ -406,6 +406,7 @@ def test_an_ensemble_of_independent_models(
     hh_data_dir: Path,
     hh_dev_examples: list[PreferenceExample],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """K whole models, each its own seed and resample, in member folders; exported as one
     graph whose column k is member k's own model, scored and evaluated per member."""
@@ -431,6 +432,18 @@ def test_an_ensemble_of_independent_models(
     assert result.ensemble == info.ensemble
     assert len(result.member_accuracy) == 2
     assert len(result.losses) == 4  # 2 steps x 2 members
+    # stdout holds one summary line, the ensemble's (the members' own lines used to come
+    # instead, so a script reading the last line took the last member for the ensemble).
+    captured = capsys.readouterr().out
+    lines = [x for x in captured.splitlines() if x.startswith('{"')]  # not the trainer's logs
+    assert len(lines) == 1, captured
+    (line,) = lines
+    summary = json.loads(line)
+    assert summary["out"] == str(out)
+    assert summary["diversity"] == "independent"
+    assert summary["eval_accuracy"] == result.evaluation.accuracy if result.evaluation else False
+    assert summary["member_accuracy"] == list(result.member_accuracy)
+    assert summary["steps"] == 4
     assert not _same(_weights(out / "member_0"), _weights(out / "member_1"))
 
     manifest = export_bundle(out, tmp_path / "bundle", eval_pairs=hh_dev_examples[:EVAL_PAIRS])
