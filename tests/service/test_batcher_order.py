@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,36 +28,23 @@ def constant(
     return np.asarray((input_ids * attention_mask).sum(axis=1), dtype=np.float32)
 
 
-def make(**overrides: float) -> Batcher:
-    limits: dict[str, float] = {
+def make(infer: Any = constant, **overrides: Any) -> Batcher:
+    """A batcher over ``infer`` with the smallest accepted limits, but for ``overrides`` (any
+    other constructor argument too)."""
+    arguments: dict[str, Any] = {
+        "pad_token_id": 0,
         "max_batch_size": 1,
         "max_batch_tokens": 1,
         "max_wait_s": 0.0,
         "max_queue_items": 1,
     }
-    limits.update(overrides)
-    return Batcher(
-        constant,
-        pad_token_id=0,
-        max_batch_size=int(limits["max_batch_size"]),
-        max_batch_tokens=int(limits["max_batch_tokens"]),
-        max_wait_s=limits["max_wait_s"],
-        max_queue_items=int(limits["max_queue_items"]),
-    )
+    return Batcher(infer, **(arguments | overrides))
 
 
 def test_limits_of_one_are_the_smallest_accepted() -> None:
     batcher = make()
     assert (batcher.max_batch_size, batcher.max_batch_tokens, batcher.max_queue_items) == (1, 1, 1)
-    Batcher(
-        constant,
-        pad_token_id=0,
-        max_batch_size=1,
-        max_batch_tokens=1,
-        max_wait_s=0.0,
-        max_queue_items=1,
-        num_heads=1,
-    )
+    make(num_heads=1)
 
 
 @pytest.mark.parametrize("field", ["max_batch_size", "max_batch_tokens", "max_queue_items"])
@@ -70,37 +58,14 @@ def test_each_limit_below_one_alone_is_refused(field: str) -> None:
 
 def test_no_heads_or_no_inference_function_is_refused() -> None:
     with pytest.raises(ValueError, match=r"num_heads must be >= 1$"):
-        Batcher(
-            constant,
-            pad_token_id=0,
-            max_batch_size=1,
-            max_batch_tokens=1,
-            max_wait_s=0.0,
-            max_queue_items=1,
-            num_heads=0,
-        )
+        make(num_heads=0)
     with pytest.raises(ValueError, match=r"^a batcher needs at least one inference function$"):
-        Batcher(
-            [],
-            pad_token_id=0,
-            max_batch_size=1,
-            max_batch_tokens=1,
-            max_wait_s=0.0,
-            max_queue_items=1,
-        )
+        make([])
 
 
 def test_packed_functions_must_match_the_instances() -> None:
     with pytest.raises(ValueError, match=r"^give one packed inference function per instance$"):
-        Batcher(
-            [constant, constant],
-            packed=[],
-            pad_token_id=0,
-            max_batch_size=1,
-            max_batch_tokens=1,
-            max_wait_s=0.0,
-            max_queue_items=1,
-        )
+        make([constant, constant], packed=[])
 
 
 def test_a_full_queue_says_how_full_and_when_to_retry() -> None:
@@ -118,12 +83,9 @@ def test_a_full_queue_says_how_full_and_when_to_retry() -> None:
 async def test_a_request_gets_float32_rows_and_the_inference_time_of_its_batches() -> None:
     stats: list[BatchStats] = []
     queue_lengths: list[int] = []
-    batcher = Batcher(
-        constant,
-        pad_token_id=0,
+    batcher = make(
         max_batch_size=2,
         max_batch_tokens=64,
-        max_wait_s=0.0,
         max_queue_items=16,
         on_batch=stats.append,
         on_queue_change=queue_lengths.append,
@@ -148,9 +110,8 @@ async def test_a_request_gets_float32_rows_and_the_inference_time_of_its_batches
 @pytest.mark.anyio
 async def test_retry_after_grows_with_the_batches_queued_ahead() -> None:
     # Never started: what is submitted stays queued, and close() fails it.
-    batcher = Batcher(
+    batcher = make(
         [constant, constant],
-        pad_token_id=0,
         max_batch_size=2,
         max_batch_tokens=64,
         max_wait_s=NEVER_S,
@@ -182,14 +143,7 @@ async def test_a_drain_that_runs_out_of_time_says_so() -> None:
         release.wait(HANG_GUARD_S)
         return constant(input_ids, attention_mask)
 
-    batcher = Batcher(
-        blocked,
-        pad_token_id=0,
-        max_batch_size=1,
-        max_batch_tokens=64,
-        max_wait_s=NEVER_S,
-        max_queue_items=4,
-    )
+    batcher = make(blocked, max_batch_tokens=64, max_wait_s=NEVER_S, max_queue_items=4)
     batcher.start()
     request = asyncio.ensure_future(batcher.submit([np.ones(3, dtype=np.int64)]))
     try:
