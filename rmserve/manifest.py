@@ -213,7 +213,7 @@ class Manifest:
 
     def write(self, bundle_dir: Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -281,7 +281,8 @@ class _Reader:
         if key not in obj:
             raise self.fail(f"missing field {where}{key}")
         value = obj[key]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        # No field of the manifest is a bool, and bool is an int to isinstance.
+        if isinstance(value, bool):
             raise self.fail(f"field {where}{key} has the wrong type (bool)")
         if not isinstance(value, kind):
             raise self.fail(f"field {where}{key} has the wrong type ({type(value).__name__})")
@@ -318,20 +319,20 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     variants = _parse_variants(r, data)
     return Manifest(
         format_version=FORMAT_VERSION,
-        model_name=r.get(data, "model_name", str, ""),
-        base_model=r.get(data, "base_model", str, ""),
+        model_name=r.get(data, "model_name", str),
+        base_model=r.get(data, "base_model", str),
         architecture=architecture,
         max_length=max_length,
-        pad_token_id=r.get(data, "pad_token_id", int, ""),
+        pad_token_id=r.get(data, "pad_token_id", int),
         padding_side="right",
         truncation=truncation,
         text_format=text_format,
         normalization=normalization,
         evaluation=evaluation,
         variants=variants,
-        tokenizer_sha256=r.get(data, "tokenizer_sha256", str, ""),
-        created_at=r.get(data, "created_at", str, ""),
-        rmserve_version=r.get(data, "rmserve_version", str, ""),
+        tokenizer_sha256=r.get(data, "tokenizer_sha256", str),
+        created_at=r.get(data, "created_at", str),
+        rmserve_version=r.get(data, "rmserve_version", str),
         labels=tuple(labels),
         reward_head=reward_head,
         files=dict(files),

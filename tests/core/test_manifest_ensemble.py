@@ -78,7 +78,7 @@ def test_no_eval_set_means_no_member_accuracy(ensemble_dict: dict[str, Any]) -> 
         ({"members": 4}, None, "an ensemble of 4 members must have the labels"),
         ({}, ["a", "b", "c"], r"must have the labels \['member_0', 'member_1', 'member_2'\]"),
         ({}, ["member_0", "member_1"], "one output column per member"),
-        ({"diversity": ""}, None, "diversity must say in words"),
+        ({"diversity": ""}, None, "diversity must say in words how the members differ$"),
         ({"diversity": 3}, None, "diversity must say in words"),
         ({"member_accuracy": [0.5, 0.5]}, None, "member_accuracy has 2 values; expected 0 or 3"),
         ({"member_accuracy": [0.5, "x", 0.5]}, None, "member_accuracy must be a list of numbers"),
@@ -86,7 +86,7 @@ def test_no_eval_set_means_no_member_accuracy(ensemble_dict: dict[str, Any]) -> 
         ({"member_parity": []}, None, "member_parity has 0 values; expected 3"),
         ({"member_parity": None}, None, "member_parity must be a list of numbers"),
         ({"disagreement": {"mean_std": "high"}}, None, "disagreement must map names to numbers"),
-        ({"disagreement": None}, None, "disagreement must map names to numbers"),
+        ({"disagreement": None}, None, "disagreement must map names to numbers$"),
     ],
 )
 def test_refusals_name_the_problem(
@@ -106,3 +106,22 @@ def test_a_section_that_is_not_an_object_is_refused(ensemble_dict: dict[str, Any
     ensemble_dict["ensemble"] = [MEMBERS]
     with pytest.raises(BundleError, match="field ensemble has the wrong type"):
         Manifest.from_dict(ensemble_dict)
+
+
+def test_two_members_is_the_smallest_ensemble(ensemble_dict: dict[str, Any]) -> None:
+    ensemble_dict["labels"] = list(ensemble_labels(2))
+    ensemble_dict["ensemble"] |= {
+        "members": 2,
+        "member_accuracy": [0.6, 0.625],
+        "member_parity": [1e-7, 2e-7],
+    }
+    ensemble = Manifest.from_dict(ensemble_dict).ensemble
+    assert ensemble is not None
+    assert ensemble.members == 2
+
+
+def test_to_dict_writes_the_section_as_plain_json(ensemble_dict: dict[str, Any]) -> None:
+    """Lists, not tuples, under the section's own keys: what ``GET /v1/models`` returns."""
+    section = Manifest.from_dict(ensemble_dict).to_dict()["ensemble"]
+    assert section == SECTION
+    assert json.loads(json.dumps(section)) == section

@@ -110,6 +110,27 @@ def test_every_section_survives_the_round_trip(tmp_path: Path) -> None:
     assert json.loads(written)["labels"] == ["helpfulness", "correctness"]
 
 
+def test_to_dict_is_plain_json_and_the_file_is_written_for_reading(tmp_path: Path) -> None:
+    """``to_dict`` holds only JSON types (lists, not tuples: it is what ``GET /v1/models``
+    returns), and ``rmserve.json`` is indented by two spaces with the fields in the order of
+    the dataclass, format_version first, so that a person reads it and a diff stays small."""
+    manifest = full_manifest()
+    data = manifest.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    written = (write_bundle(tmp_path / "bundle", manifest) / MANIFEST_NAME).read_text()
+    assert written == json.dumps(data, indent=2) + "\n"
+    assert written.startswith('{\n  "format_version": 2,\n  "model_name": "tiny-decoder",\n')
+    assert list(json.loads(written)) == list(data)
+
+
+def test_a_packed_token_cost_survives_the_round_trip() -> None:
+    data = full_manifest().to_dict()
+    data["packed"]["token_cost"] = 0.375
+    packed = Manifest.from_dict(data).packed
+    assert packed is not None
+    assert packed.token_cost == 0.375
+
+
 def test_an_older_reader_s_defaults_apply_when_optional_fields_are_absent() -> None:
     data = full_manifest().to_dict()
     for key in ("labels", "reward_head", "files", "packed", "evaluation", "ensemble"):
@@ -169,7 +190,8 @@ def test_load_bundle_names_the_missing_or_changed_file(tmp_path: Path) -> None:
     with pytest.raises(
         BundleError,
         match=rf"model\.onnx\.data does not match its sha256 in rmserve\.json \(expected "
-        rf"{expected[:12]}\.\.\., found {found[:12]}\.\.\.\); the file was changed",
+        rf"{expected[:12]}\.\.\., found {found[:12]}\.\.\.\); the file was changed or "
+        r"corrupted after export; export the bundle again$",
     ):
         load_bundle(bundle)
     assert load_bundle(bundle, verify_hashes=False) == full_manifest()
@@ -234,6 +256,8 @@ REFUSALS: list[tuple[Edit, str]] = [
         r"architecture\.kind must be 'encoder' or 'decoder', got 'seq2seq'$",
     ),
     (setter("architecture", []), r"field architecture has the wrong type \(list\)$"),
+    (remover("architecture", "pooling"), r"missing field architecture\.pooling$"),
+    (remover("architecture", "model_type"), r"missing field architecture\.model_type$"),
     (setter("max_length", 1), r"max_length must be at least 2, got 1$"),
     (setter("max_length", True), r"field max_length has the wrong type \(bool\)$"),
     (setter("padding_side", "left"), r"padding_side must be 'right', got 'left'$"),
@@ -258,6 +282,7 @@ REFUSALS: list[tuple[Edit, str]] = [
     (setter("reward_head", -1), r"reward_head -1 is not one of the 2 outputs"),
     (setter("files", {"": "0"}), r"files must map file names inside the bundle to sha256 hex"),
     (setter("files", {".": "0"}), r"files must map file names inside the bundle"),
+    (setter("files", {"..": "0"}), r"files must map file names inside the bundle"),
     (setter("files", {"a/b": "0"}), r"files must map file names inside the bundle"),
     (setter("files", {"x": 1}), r"files must map file names inside the bundle"),
     (setter("files", ["x"]), r"files must map file names inside the bundle"),
@@ -274,6 +299,7 @@ REFUSALS: list[tuple[Edit, str]] = [
         r"field normalization\.n has the wrong type \(float\)$",
     ),
     (remover("normalization", "reference"), r"missing field normalization\.reference$"),
+    (remover("normalization", "std"), r"missing field normalization\.std$"),
     (
         setter("evaluation", "accuracy", "high"),
         r"field evaluation\.accuracy has the wrong type \(str\)$",
@@ -289,6 +315,10 @@ REFUSALS: list[tuple[Edit, str]] = [
         r"\['fp16', 'fp32', 'int8'\]$",
     ),
     (setter("variants", "fp32", "model.onnx"), r"variants\.fp32 must be an object$"),
+    (
+        setter("variants", {}),
+        r"variants must list at least one model file \(fp32: model\.onnx\)$",
+    ),
     (
         setter("variants", "fp32", "parity", {"x": True}),
         r"variants\.fp32\.parity must map names to numbers$",
