@@ -99,7 +99,10 @@ started=$SECONDS
 # and fork() do not mix: without these, workers hung on a futex (a lock held at fork time,
 # most likely torch's OpenMP pool, started by the model zoo) until mutmut's timeout; with one
 # thread each, none did.
-TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+# RMSERVE_TEST_HANG_GUARD_S: the tests' guard against a hang (tests/waiting.py; 60 s by
+# default) cut to 10 s, so that a mutant under which the batcher never answers fails its test
+# (killed) in seconds rather than running into mutmut's timeout a minute later.
+TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RMSERVE_TEST_HANG_GUARD_S=10 \
   mutmut run --max-children "$jobs"
 mutmut export-cicd-stats >/dev/null
 python - mutants/mutmut-cicd-stats.json "$target" $((SECONDS - started)) <<'PY'

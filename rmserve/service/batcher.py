@@ -311,6 +311,13 @@ class Batcher:
                         item.request.future.set_exception(error)
                 self._pending.clear()
                 self._queue_changed()
+                if not self._batches:
+                    self._idle.set()
+                # Nothing waits now: go on at the next submission or finished batch. Trying
+                # again at once would spin without ever yielding when the bug recurs on every
+                # step, and the event loop, health checks included, would stop.
+                self._wakeup.clear()
+                await self._wakeup.wait()
 
     async def _schedule_once(self) -> None:
         """Wait for work and an instance to take it, or form one batch and give it there."""

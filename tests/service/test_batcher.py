@@ -281,6 +281,36 @@ async def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them() 
     await batcher.close()
 
 
+@pytest.mark.anyio
+async def test_a_scheduler_bug_on_every_step_fails_each_request_and_does_not_spin() -> None:
+    """A bug that recurs on every step, even with nothing queued: each request gets the error,
+    the event loop keeps running other tasks, and the scheduler tries again only when there is
+    something new (it spun at once, starving the loop, before)."""
+    model = FakeModel()
+
+    class AlwaysBroken(Batcher):
+        steps = 0
+
+        async def _schedule_once(self) -> None:
+            self.steps += 1
+            if self.steps > 1000:  # spinning: yield, so that the assertions below report it
+                await asyncio.sleep(0.001)
+            raise KeyError("bug")
+
+    batcher = AlwaysBroken(
+        model, pad_token_id=PAD, max_batch_size=4, max_batch_tokens=100, max_wait_s=0.0,
+        max_queue_items=8,
+    )  # fmt: skip
+    batcher.start()
+    for value in (1, 2, 3):
+        with pytest.raises(InferenceError, match="scheduler failed"):
+            await asyncio.wait_for(batcher.submit([seq(value)]), HANG_GUARD_S)
+    assert batcher.steps <= 4  # one at the start, then one per submission
+    assert await batcher.drain(HANG_GUARD_S)  # nothing queued or running: idle
+    assert model.batches == []
+    await batcher.close()
+
+
 # --- several model instances ------------------------------------------------------------------
 
 
