@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-__all__ = ["HANG_GUARD_S", "wait_until", "wait_until_blocking"]
+T = TypeVar("T")
+
+__all__ = ["HANG_GUARD_S", "guarded", "wait_until", "wait_until_blocking"]
 
 # A guard against a hang only (a failing test instead of a stuck run), never a timing check.
 # RMSERVE_TEST_HANG_GUARD_S shortens it where hangs are expected: scripts/mutation.sh sets 10 s,
@@ -40,3 +43,8 @@ def wait_until_blocking(
     while not condition():
         assert time.monotonic() < deadline, f"not reached in {timeout_s:.0f} s: {what}"
         time.sleep(0.01)
+
+
+async def guarded(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, failing with TimeoutError instead of hanging after the guard."""
+    return await asyncio.wait_for(awaitable, HANG_GUARD_S)

@@ -23,7 +23,7 @@ from rmserve.service.batcher import (
     InferenceError,
     QueueFullError,
 )
-from tests.waiting import HANG_GUARD_S, wait_until
+from tests.waiting import HANG_GUARD_S, guarded, wait_until
 
 PAD = 0
 # Longer than any test runs: items given this wait leave the queue only as a full batch, or
@@ -85,7 +85,7 @@ async def test_items_of_concurrent_requests_share_batches_and_get_their_own_scor
     batcher.start()
     requests = [[seq(*range(1, 2 + (i * 7) % 13)) for _ in range(1 + i % 3)] for i in range(10)]
     # gather starts every submission in one turn of the loop, before the scheduler runs.
-    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    results = await guarded(asyncio.gather(*(batcher.submit(r) for r in requests)))
     await batcher.drain(HANG_GUARD_S)
     await batcher.close()
     for request, result in zip(requests, results, strict=True):
@@ -100,7 +100,7 @@ async def test_batches_are_right_padded_to_their_own_longest_item() -> None:
     model = FakeModel()
     batcher, stats = make(model, max_wait_s=0.05)
     batcher.start()
-    await batcher.submit([seq(5, 6, 7), seq(8), seq(9, 10)])
+    await guarded(batcher.submit([seq(5, 6, 7), seq(8), seq(9, 10)]))
     await batcher.close()
     (batch,) = stats
     assert batch.size == 3
@@ -119,7 +119,7 @@ async def test_token_budget_and_size_limit_split_batches_by_length() -> None:
     batcher.start()
     short = [seq(*([1] * 2)) for _ in range(6)]
     long = [seq(*([2] * 20)) for _ in range(3)]
-    await asyncio.gather(batcher.submit(short + long))
+    await guarded(batcher.submit(short + long))
     await batcher.close()
     for s in stats:
         assert s.size <= 4
@@ -150,7 +150,7 @@ async def test_full_queue_raises_queue_full_with_retry_after() -> None:
     first = asyncio.create_task(batcher.submit([seq(1)] * 6))
     await wait_until(lambda: batcher.queued_items == 6, "the first 6 items queued")
     with pytest.raises(QueueFullError) as info:
-        await batcher.submit([seq(1)] * 3)
+        await guarded(batcher.submit([seq(1)] * 3))
     assert info.value.retry_after_s >= 1
     assert "8" in str(info.value)
     assert batcher.queued_items == 6  # the refused request left nothing behind
@@ -172,7 +172,7 @@ async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
     assert pending.done()
     assert pending.result().scores.tolist() == pytest.approx([expected([3, 4])])
     with pytest.raises(BatcherClosedError):
-        await batcher.submit([seq(1)])
+        await guarded(batcher.submit([seq(1)]))
     await batcher.close()
 
 
@@ -196,8 +196,8 @@ async def test_a_model_failure_fails_only_the_requests_in_that_batch() -> None:
     )
     batcher.start()
     with pytest.raises(InferenceError, match="RuntimeError"):
-        await batcher.submit([seq(1)])
-    ok = await batcher.submit([seq(1)])
+        await guarded(batcher.submit([seq(1)]))
+    ok = await guarded(batcher.submit([seq(1)]))
     assert ok.scores.tolist() == [0.0]
     await batcher.close()
 
@@ -248,7 +248,7 @@ async def test_padding_ratio_limit_keeps_different_lengths_apart() -> None:
     batcher, stats = make(model, max_batch_size=64, max_padding_ratio=1.15, max_wait_s=0.02)
     batcher.start()
     lengths = [3, 3, 10, 11, 11, 30, 31, 3, 10, 10]
-    result = await batcher.submit([seq(*([5] * n)) for n in lengths])
+    result = await guarded(batcher.submit([seq(*([5] * n)) for n in lengths]))
     await batcher.close()
     assert result.scores.tolist() == pytest.approx([expected([5] * n) for n in lengths])
     assert all(s.padded_tokens <= 1.15 * s.real_tokens for s in stats)
@@ -333,8 +333,8 @@ async def test_instances_run_batches_at_the_same_time() -> None:
         max_batch_tokens=1000, max_wait_s=0.0, max_queue_items=64,
     )  # fmt: skip
     batcher.start()
-    results = await asyncio.gather(
-        batcher.submit([seq(1), seq(2)]), batcher.submit([seq(3), seq(4)])
+    results = await guarded(
+        asyncio.gather(batcher.submit([seq(1), seq(2)]), batcher.submit([seq(3), seq(4)]))
     )
     await batcher.close()
     # Both instances scored a batch.

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from rmserve.service.batcher import Batcher, InferenceError
-from tests.waiting import HANG_GUARD_S
+from tests.waiting import HANG_GUARD_S, guarded
 
 IdArray = npt.NDArray[np.int64]
 
@@ -47,7 +47,7 @@ async def test_every_item_gets_its_own_row_of_heads() -> None:
     batcher = make(heads_model(3), heads=3)
     batcher.start()
     requests = [[seq(*range(1, 2 + (i * 5) % 7)) for _ in range(1 + i % 3)] for i in range(8)]
-    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    results = await guarded(asyncio.gather(*(batcher.submit(r) for r in requests)))
     await batcher.close()
     for request, result in zip(requests, results, strict=True):
         expected = [[float(s.sum()) * j for j in (1, 2, 3)] for s in request]
@@ -55,7 +55,7 @@ async def test_every_item_gets_its_own_row_of_heads() -> None:
         np.testing.assert_allclose(result.head_scores, expected)
         with pytest.raises(ValueError, match="read head_scores"):
             _ = result.scores
-    empty = await make(heads_model(3), heads=3).submit([])
+    empty = await guarded(make(heads_model(3), heads=3).submit([]))
     assert empty.head_scores.shape == (0, 3)
 
 
@@ -63,7 +63,7 @@ async def test_every_item_gets_its_own_row_of_heads() -> None:
 async def test_one_head_keeps_its_flat_scores() -> None:
     batcher = make(lambda ids, mask: (ids * mask).sum(axis=1).astype(np.float32), heads=1)
     batcher.start()
-    result = await batcher.submit([seq(1, 2), seq(5)])
+    result = await guarded(batcher.submit([seq(1, 2), seq(5)]))
     await batcher.close()
     assert result.scores.tolist() == [3.0, 5.0]
     assert result.head_scores.shape == (2, 1)

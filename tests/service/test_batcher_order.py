@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 
 from rmserve.service.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
-from tests.waiting import HANG_GUARD_S
+from tests.waiting import HANG_GUARD_S, guarded
 
 NEVER_S = 3600.0
 
@@ -127,7 +127,7 @@ async def test_retry_after_grows_with_the_batches_queued_ahead() -> None:
     assert (full.value.queued, full.value.capacity, full.value.retry_after_s) == (100, 100, 2)
     await batcher.close()
     with pytest.raises(BatcherClosedError, match=r"^the service stopped$"):
-        await waiting
+        await guarded(waiting)
     with pytest.raises(BatcherClosedError, match=r"shutting down"):
         batcher.check_admission(1)  # a closed batcher takes nothing new
 
@@ -153,7 +153,7 @@ async def test_a_drain_that_runs_out_of_time_says_so() -> None:
         assert batcher.unfinished_items == 1
         release.set()
         assert await batcher.drain(HANG_GUARD_S) is True
-        assert (await request).scores.tolist() == [3.0]
+        assert (await guarded(request)).scores.tolist() == [3.0]
     finally:
         release.set()
         await batcher.close()
