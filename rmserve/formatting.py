@@ -163,7 +163,7 @@ def text_format_from_dict(data: Mapping[str, Any]) -> AnyTextFormat:
     if kind == "text_pair":
         return TextPairFormat.from_dict(data)
     if kind == "transcript":
-        return TextFormat.from_dict({k: v for k, v in data.items() if k != "kind"})
+        return TextFormat.from_dict(data)  # it drops kind: transcript
     raise FormattingError(
         f"unknown text_format kind {kind!r}; expected transcript, chat_template or text_pair"
     )

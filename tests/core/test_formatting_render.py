@@ -4,6 +4,7 @@ name the field (test_formatting.py covers the ordinary renderings)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -50,6 +51,10 @@ def test_each_format_has_its_defaults_in_the_manifest_form() -> None:
     ("data", "problem"),
     [
         ({"user_prefix": 1}, r"^text_format\.user_prefix must be a string, got 1$"),
+        (
+            {"kind": "chat_template", "template": "", "special_tokens": {}},
+            r"^text_format\.template must be a non-empty string$",
+        ),
         ({"kind": "transcript", "speaker": "x"}, r"^unknown text_format fields: \['speaker'\]$"),
         (
             {"kind": "chat_template", "template": "t", "special_tokens": {"bos": 1}},
@@ -81,7 +86,10 @@ def test_a_bad_format_names_its_field(data: dict[str, Any], problem: str) -> Non
     [
         ([], r"^a conversation needs at least one message \(the response\)$"),
         (["hi"], r"^message 0 must be an object with role and content$"),
-        ([{"role": "bot", "content": "x"}], r"^message 0 has role 'bot'; expected one of "),
+        (
+            [{"role": "bot", "content": "x"}],
+            r"^message 0 has role 'bot'; expected one of system, user, assistant$",
+        ),
         ([{"role": "user", "content": 1}], r"^message 0 content must be a string$"),
         (
             [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
@@ -107,9 +115,44 @@ def test_a_text_pair_joins_the_prompt_turns_with_its_separator() -> None:
 
 
 def test_an_unknown_role_prefix_and_bad_transcripts_are_refused() -> None:
-    with pytest.raises(FormattingError, match=r"^unknown message role 'bot'; expected one of "):
+    with pytest.raises(
+        FormattingError,
+        match=r"^unknown message role 'bot'; expected one of system, user, assistant$",
+    ):
         TextFormat().prefix("bot")
     with pytest.raises(FormattingError, match=r"^transcript is empty$"):
         parse_transcript("")
-    with pytest.raises(FormattingError, match=r"^transcript does not start with a role prefix"):
+    with pytest.raises(
+        FormattingError,
+        match=r"^transcript does not start with a role prefix "
+        + re.escape(r"('\n\nAssistant: ', '\n\nSystem: ', '\n\nHuman: ')")
+        + "$",
+    ):
         parse_transcript("hello\n\nHuman: hi")
+
+
+def test_a_prefix_value_that_reads_transcript_is_kept() -> None:
+    fmt = text_format_from_dict({"kind": "transcript", "user_prefix": "transcript"})
+    assert fmt == TextFormat(user_prefix="transcript")
+
+
+def test_a_transcript_splits_on_the_longest_prefix_that_matches() -> None:
+    """One role's prefix may begin another's: the longer one wins wherever both match."""
+    fmt = TextFormat(system_prefix="\nQ: [system] ", user_prefix="\nQ: ", assistant_prefix="\nA: ")
+    text = render(
+        [Message("system", "be kind"), Message("user", "why?"), Message("assistant", "so.")], fmt
+    ).text
+    assert text == "\nQ: [system] be kind\nQ: why?\nA: so."
+    assert parse_transcript(text, fmt) == [
+        Message("system", "be kind"),
+        Message("user", "why?"),
+        Message("assistant", "so."),
+    ]
+
+
+def test_an_empty_prefix_never_starts_a_turn() -> None:
+    fmt = TextFormat(system_prefix="")
+    assert parse_transcript("\n\nHuman: hi\n\nAssistant: yo", fmt) == [
+        Message("user", "hi"),
+        Message("assistant", "yo"),
+    ]
