@@ -110,7 +110,10 @@ def test_no_boundary_for_a_response_given_as_parts() -> None:
         "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}|{% endfor %}"
     )
     parts = [{"type": "text", "text": "ye"}, {"type": "text", "text": "s"}]
-    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}]
+    conversation: list[dict[str, Any]] = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": parts},
+    ]
     assert render(conversation, fmt) == RenderedText("q|yes|", None)
 
 
