@@ -9,6 +9,7 @@ items to stay queued gives them a ``max_wait_s`` they never reach; conditions ar
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -177,7 +178,9 @@ async def test_drain_finishes_queued_work_then_refuses_new_work() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_model_failure_fails_only_the_requests_in_that_batch() -> None:
+async def test_a_model_failure_fails_only_the_requests_in_that_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     calls = {"n": 0}
 
     def flaky(ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -195,11 +198,23 @@ async def test_a_model_failure_fails_only_the_requests_in_that_batch() -> None:
         max_queue_items=8,
     )
     batcher.start()
-    with pytest.raises(InferenceError, match="RuntimeError"):
+    failure = (
+        r"^the model failed on a batch of 1 items \(RuntimeError\); the server log has the "
+        r"details$"
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="rmserve.service.batcher"),
+        pytest.raises(InferenceError, match=failure),
+    ):
         await guarded(batcher.submit([seq(1)]))
     ok = await guarded(batcher.submit([seq(1)]))
     assert ok.scores.tolist() == [0.0]
     await batcher.close()
+    # The exception's text goes to the log only, with the batch's size.
+    (record,) = [r for r in caplog.records if r.name == "rmserve.service.batcher"]
+    assert (record.getMessage(), record.__dict__["batch_size"]) == ("inference failed", 1)
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "boom"
 
 
 @pytest.mark.anyio
@@ -257,7 +272,9 @@ async def test_padding_ratio_limit_keeps_different_lengths_apart() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them() -> None:
+async def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     model = FakeModel()
 
     class BrokenOnce(Batcher):
@@ -274,11 +291,18 @@ async def test_a_scheduler_bug_fails_waiting_requests_instead_of_hanging_them() 
         max_queue_items=8,
     )  # fmt: skip
     batcher.start()
-    with pytest.raises(InferenceError, match="scheduler failed"):
+    with (
+        caplog.at_level(logging.ERROR, logger="rmserve.service.batcher"),
+        pytest.raises(
+            InferenceError, match=r"^the batch scheduler failed; the server log has details$"
+        ),
+    ):
         await asyncio.wait_for(batcher.submit([seq(1)]), HANG_GUARD_S)
     ok = await asyncio.wait_for(batcher.submit([seq(2)]), HANG_GUARD_S)
     assert ok.scores.tolist() == pytest.approx([expected([2])])
     await batcher.close()
+    (record,) = [r for r in caplog.records if r.name == "rmserve.service.batcher"]
+    assert (record.getMessage(), record.__dict__["items"]) == ("batch scheduling failed", 1)
 
 
 @pytest.mark.anyio

@@ -57,6 +57,9 @@ async def test_every_item_gets_its_own_row_of_heads() -> None:
             _ = result.scores
     empty = await guarded(make(heads_model(3), heads=3).submit([]))
     assert empty.head_scores.shape == (0, 3)
+    assert empty.head_scores.dtype == np.float32
+    assert (empty.queue_s, empty.inference_s) == (0.0, 0.0)
+    assert type(empty.queue_s) is type(empty.inference_s) is float
 
 
 @pytest.mark.anyio

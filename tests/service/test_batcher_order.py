@@ -9,15 +9,23 @@ sets, and a drain meant to time out waits on that blocked model.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from rmserve.service.batcher import Batcher, BatcherClosedError, BatchStats, QueueFullError
-from tests.waiting import HANG_GUARD_S, guarded
+from rmserve.service.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatchStats,
+    InferenceError,
+    QueueFullError,
+)
+from tests.waiting import HANG_GUARD_S, guarded, wait_until_blocking
 
 NEVER_S = 3600.0
 
@@ -93,7 +101,9 @@ async def test_a_request_gets_float32_rows_and_the_inference_time_of_its_batches
     batcher.start()
     try:
         sequences = [np.arange(1, n + 1, dtype=np.int64) for n in (1, 2, 3, 4, 5)]
+        submitted = time.perf_counter()
         scored = await asyncio.wait_for(batcher.submit(sequences), HANG_GUARD_S)
+        answered = time.perf_counter()
     finally:
         await batcher.close()
     assert scored.head_scores.dtype == np.float32
@@ -102,9 +112,30 @@ async def test_a_request_gets_float32_rows_and_the_inference_time_of_its_batches
     assert len(stats) >= 3  # at most two items per batch
     # Each batch's time once, although it held two of the request's items.
     assert scored.inference_s == pytest.approx(sum(s.inference_s for s in stats))
-    assert scored.queue_s >= 0.0
+    # The wait in the queue and the model's time lie within the call (bounds taken around
+    # it, not a timing check); the last batch started after the request came (a monotonic
+    # clock of nanoseconds, and a thread handoff between the two readings).
+    assert 0.0 < scored.queue_s <= answered - submitted
+    assert 0.0 < scored.inference_s <= answered - submitted
     assert queue_lengths[0] == 5  # the request's items arrived together
     assert queue_lengths[-1] == 0  # and all left the queue
+
+
+@pytest.mark.anyio
+async def test_requests_that_share_a_batch_each_count_its_inference_time() -> None:
+    stats: list[BatchStats] = []
+    batcher = make(max_batch_size=4, max_batch_tokens=64, max_queue_items=4, on_batch=stats.append)
+    batcher.start()
+    try:
+        # Queued before the scheduler runs: one batch holds both requests.
+        first = asyncio.ensure_future(batcher.submit([np.ones(2, dtype=np.int64)]))
+        second = asyncio.ensure_future(batcher.submit([np.ones(3, dtype=np.int64)]))
+        results = await guarded(asyncio.gather(first, second))
+    finally:
+        await batcher.close()
+    (batch,) = stats
+    assert batch.size == 2
+    assert [r.inference_s for r in results] == [batch.inference_s, batch.inference_s]
 
 
 @pytest.mark.anyio
@@ -128,12 +159,14 @@ async def test_retry_after_grows_with_the_batches_queued_ahead() -> None:
     await batcher.close()
     with pytest.raises(BatcherClosedError, match=r"^the service stopped$"):
         await guarded(waiting)
-    with pytest.raises(BatcherClosedError, match=r"shutting down"):
+    with pytest.raises(
+        BatcherClosedError, match=r"^the service is shutting down and takes no new requests$"
+    ):
         batcher.check_admission(1)  # a closed batcher takes nothing new
 
 
 @pytest.mark.anyio
-async def test_a_drain_that_runs_out_of_time_says_so() -> None:
+async def test_a_drain_that_runs_out_of_time_says_so(caplog: pytest.LogCaptureFixture) -> None:
     started, release = threading.Event(), threading.Event()
 
     def blocked(
@@ -149,11 +182,79 @@ async def test_a_drain_that_runs_out_of_time_says_so() -> None:
     try:
         assert await asyncio.to_thread(started.wait, HANG_GUARD_S)  # the batch is running
         # The model is blocked until released: the drain cannot finish in time.
-        assert await batcher.drain(0.01) is False
+        with caplog.at_level(logging.ERROR, logger="rmserve.service.batcher"):
+            assert await batcher.drain(0.01) is False
         assert batcher.unfinished_items == 1
+        # The operator's record: what was left and after how long.
+        (record,) = [r for r in caplog.records if r.name == "rmserve.service.batcher"]
+        assert record.getMessage() == "drain timed out"
+        assert (record.__dict__["items_left"], record.__dict__["timeout_s"]) == (1, 0.01)
         release.set()
         assert await batcher.drain(HANG_GUARD_S) is True
         assert (await guarded(request)).scores.tolist() == [3.0]
     finally:
         release.set()
         await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_close_does_not_wait_for_a_batch_stuck_in_the_model() -> None:
+    """close() answers what waits and returns; the worker thread finishes on its own. (A close
+    that joined the worker would block the event loop until the model returned.)"""
+    started, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def blocked(
+        input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        started.set()
+        released.append(release.wait(HANG_GUARD_S))
+        return constant(input_ids, attention_mask)
+
+    batcher = make(blocked, max_batch_tokens=64, max_wait_s=0.0, max_queue_items=4)
+    batcher.start()
+    request = asyncio.ensure_future(batcher.submit([np.ones(3, dtype=np.int64)]))
+    try:
+        assert await asyncio.to_thread(started.wait, HANG_GUARD_S)
+        await guarded(batcher.close())
+        with pytest.raises(BatcherClosedError, match=r"^the service stopped$"):
+            await guarded(request)
+    finally:
+        release.set()
+    await asyncio.to_thread(wait_until_blocking, lambda: bool(released), "the model returned")
+    assert released == [True]  # released by the test after close(), not by its own timeout
+
+
+@pytest.mark.anyio
+async def test_a_bug_past_the_model_fails_its_batch_and_frees_the_instance(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class BrokenHandOut(Batcher):
+        broken = True
+
+        async def _run_on(self, batch: Any, instance: int) -> None:
+            if self.broken:
+                self.broken = False
+                raise KeyError("bug")
+            await super()._run_on(batch, instance)
+
+    batcher = BrokenHandOut(
+        constant, pad_token_id=0, max_batch_size=1, max_batch_tokens=64, max_wait_s=0.0,
+        max_queue_items=4,
+    )  # fmt: skip
+    batcher.start()
+    try:
+        failure = r"^scoring the batch failed; the server log has details$"
+        with (
+            caplog.at_level(logging.ERROR, logger="rmserve.service.batcher"),
+            pytest.raises(InferenceError, match=failure),
+        ):
+            await guarded(batcher.submit([np.ones(2, dtype=np.int64)]))
+        ok = await guarded(batcher.submit([np.ones(3, dtype=np.int64)]))
+        assert ok.scores.tolist() == [3.0]
+        assert batcher.unfinished_items == 0
+    finally:
+        await batcher.close()
+    (record,) = [r for r in caplog.records if r.name == "rmserve.service.batcher"]
+    assert record.getMessage() == "handing out a batch's scores failed"
+    assert record.__dict__["items"] == 1
