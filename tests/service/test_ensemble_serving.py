@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -164,6 +165,33 @@ def test_bad_ensemble_options_are_422_and_lose_nothing_else(
     assert r.status_code == 422, r.text
     assert needle in r.json()["error"]["message"]
     assert post(server, "/v1/score", {"items": pairs()}).status_code == 200
+
+
+def test_return_members_past_the_limits_is_413_and_loses_nothing_else(
+    ensemble_bundle: Path,
+) -> None:
+    """The members matrix grows with the request, so the request limits bound it: a request
+    of more items or more bytes than the server takes is refused whole with the limit in the
+    message, while a request at the limit, sent at the same time, gets its [n, K] members."""
+    limits = {"max_items_per_request": 8, "max_request_bytes": 4096, "max_wait_ms": 20.0}
+    with serve_app(settings_for(ensemble_bundle, **limits)) as running:
+        at_limit = {"items": pairs(RESPONSES * 2), "return_members": True}
+        too_many = {"items": pairs(RESPONSES * 3), "return_members": True}
+        too_big = {"items": [{"text": "x" * 5000}], "return_members": True}
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(
+                pool.map(
+                    lambda body: post(running, "/v1/score", body), [too_many, at_limit, too_big]
+                )
+            )
+        assert answers[0].status_code == 413, answers[0].text
+        assert "limit is 8" in answers[0].json()["error"]["message"]
+        assert answers[2].status_code == 413, answers[2].text
+        assert "4096 bytes" in answers[2].json()["error"]["message"]
+        assert answers[1].status_code == 200, answers[1].text
+        members = np.asarray(answers[1].json()["members"])
+        assert members.shape == (8, MEMBERS)
+        np.testing.assert_allclose(answers[1].json()["std"], members.std(axis=1), atol=1e-5)
 
 
 def test_compat_doors_answer_the_server_aggregate_and_the_std(
