@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ from rmserve.training.trainer import PreferenceDataset
 from rmserve.training.uncertainty import score_members
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from rmserve.training.config import RewardConfig
 
 __all__ = ["member_scorer", "train_independent_ensemble"]
@@ -72,76 +75,93 @@ def train_independent_ensemble(
     """Train K members into ``out/member_k`` with ``train_member`` (the trainer of one model,
     :func:`rmserve.training.train.train_reward_model`, passed in so that this module does not
     import the trainer that imports it) and describe them as one ensemble in ``out``."""
-
     root = Path(out)
-    members = config.ensemble
-    seeds = member_seeds(config.seed, members)
-    names = tuple(f"member_{k}" for k in range(members))
-    results = []
-    for name, seed in zip(names, seeds, strict=True):
-        member_config = dataclasses.replace(
-            config, ensemble=1, seed=seed, output_dir=str(root / name)
-        )
-        results.append(
-            train_member(
-                data,
-                root / name,
-                member_config,
-                base=base,
-                eval_data=eval_data,
-                skip_malformed=skip_malformed,
-                limit=limit,
-                text_format=text_format,
-                bootstrap_seed=seed,
-                summary=False,
-            )
-        )
-    first = TrainingInfo.read(root / names[0])
-    if first is None:  # pragma: no cover - train_reward_model always writes it
-        raise RuntimeError(f"{root / names[0]} has no training info")
-    tokenizer = load_tokenizer(str(root / names[0]))
-    members_model = _Members(
+    seeds = member_seeds(config.seed, config.ensemble)
+    names = tuple(f"member_{k}" for k in range(config.ensemble))
+    train_one = partial(
+        train_member,
+        data,
+        base=base,
+        eval_data=eval_data,
+        skip_malformed=skip_malformed,
+        limit=limit,
+        text_format=text_format,
+        summary=False,
+    )
+    results = [
+        train_one(root / name, _member_config(config, seed, root / name), bootstrap_seed=seed)
+        for name, seed in zip(names, seeds, strict=True)
+    ]
+    first, tokenizer = _first_member(root / names[0])
+    members = _Members(
         scorer=member_scorer(root, names),
         encoder=PairEncoder(tokenizer.backend_tokenizer, first.max_length),
         text_format=first.text_format,
         pad_token_id=int(tokenizer.pad_token_id),
         batch_size=config.per_device_eval_batch_size,
     )
-    evaluation: Evaluation | None = None
-    member_accuracy: tuple[float, ...] = ()
-    if eval_data:
-        evaluation, member_accuracy = _evaluate(members_model, eval_data, skip_malformed)
-    normalization = _normalization(members_model, data, config, skip_malformed, limit)
-    ensemble = EnsembleInfo(
-        members=members,
-        diversity="independent",
-        description=DIVERSITY_DESCRIPTIONS["independent"],
-        member_seeds=seeds,
-        member_dirs=names,
+    evaluation, member_accuracy = (
+        _evaluate(members, eval_data, skip_malformed) if eval_data else (None, ())
     )
+    normalization = _normalization(members, data, config, skip_malformed, limit)
+    info = dataclasses.replace(
+        first,
+        normalization=normalization,
+        evaluation=evaluation,
+        ensemble=EnsembleInfo(
+            members=config.ensemble,
+            diversity="independent",
+            description=DIVERSITY_DESCRIPTIONS["independent"],
+            member_seeds=seeds,
+            member_dirs=names,
+        ),
+    )
+    result = _ensemble_result(root, results, info, normalization, member_accuracy)
     if config.process_index == 0:
         tokenizer.save_pretrained(str(root))
-        dataclasses.replace(
-            first, normalization=normalization, evaluation=evaluation, ensemble=ensemble
-        ).write(root)
-    result = TrainResult(
+        info.write(root)
+        print_summary(result)
+    return result
+
+
+def _member_config(config: RewardConfig, seed: int, out: Path) -> RewardConfig:
+    """One member's recipe: the ensemble's, as a single model with the member's seed."""
+    return dataclasses.replace(config, ensemble=1, seed=seed, output_dir=str(out))
+
+
+def _first_member(folder: Path) -> tuple[TrainingInfo, PreTrainedTokenizerBase]:
+    """Member 0's training info (the ensemble's starts from it) and its tokenizer, which all
+    members share."""
+    info = TrainingInfo.read(folder)
+    if info is None:  # pragma: no cover - train_reward_model always writes it
+        raise RuntimeError(f"{folder} has no training info")
+    return info, load_tokenizer(str(folder))
+
+
+def _ensemble_result(
+    root: Path,
+    results: list[TrainResult],
+    info: TrainingInfo,
+    normalization: Normalization,
+    member_accuracy: tuple[float, ...],
+) -> TrainResult:
+    """The members' results as the ensemble's: their mean loss, all their steps and time,
+    the ensemble's evaluation and normalization."""
+    return TrainResult(
         out=root,
-        train_loss=sum(r.train_loss for r in results) / members,
+        train_loss=sum(r.train_loss for r in results) / len(results),
         losses=[loss for r in results for loss in r.losses],
-        evaluation=evaluation,
+        evaluation=info.evaluation,
         normalization=normalization,
         train_examples=results[0].train_examples,
         skipped=results[0].skipped,
         parted=results[0].parted,
-        max_length=first.max_length,
-        ensemble=ensemble,
+        max_length=info.max_length,
+        ensemble=info.ensemble,
         member_accuracy=member_accuracy,
         steps=sum(r.steps for r in results),
         seconds=sum(r.seconds or 0.0 for r in results),
     )
-    if config.process_index == 0:
-        print_summary(result)
-    return result
 
 
 @dataclass(frozen=True)
