@@ -4,9 +4,9 @@
 #   bash scripts/main.sh
 #
 # Without a bundle at $RMSERVE_BUNDLE (default artifacts/bundle), it trains the default
-# recipe (MiniLM on ../shared/data/hh-harmless, about 15 minutes on 2 CPU cores) into
-# artifacts/checkpoint and exports it with its int8 variant; then it serves the bundle on
-# $RMSERVE_HOST:$RMSERVE_PORT (default 0.0.0.0:8000).
+# recipe (MiniLM on ../shared/data/hh-harmless) into artifacts/checkpoint and exports it with
+# its int8 variant (about 5 minutes on 2 free CPU cores, more on a busy machine); then it
+# serves the bundle on $RMSERVE_HOST:$RMSERVE_PORT (default 0.0.0.0:8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
