@@ -25,7 +25,7 @@ from rmserve.service.batcher import (
     InferenceError,
     QueueFullError,
 )
-from tests.waiting import HANG_GUARD_S, guarded, wait_until_blocking
+from tests.waiting import HANG_GUARD_S, guarded, wait_until, wait_until_blocking
 
 NEVER_S = 3600.0
 
@@ -258,3 +258,60 @@ async def test_a_bug_past_the_model_fails_its_batch_and_frees_the_instance(
     (record,) = [r for r in caplog.records if r.name == "rmserve.service.batcher"]
     assert record.getMessage() == "handing out a batch's scores failed"
     assert record.__dict__["items"] == 1
+
+
+@pytest.mark.anyio
+async def test_each_instance_runs_its_batches_one_at_a_time_on_its_own_thread() -> None:
+    """Instance k's batches run on its one worker thread, ``rmserve-infer-k_0``: a batch
+    queued behind a running one on the same instance waits for it (one session per instance,
+    never two calls into it at once), while another instance runs beside them. A pool of
+    several threads per instance, or the event loop's default executor, would run the queued
+    batch on another thread at once."""
+    release = threading.Event()
+    lock = threading.Lock()
+    calls: list[tuple[int, int, str]] = []  # (instance, first id, thread)
+    running = [0, 0]
+    most = [0, 0]
+
+    def instance(k: int) -> Any:
+        def infer(
+            input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]
+        ) -> npt.NDArray[np.float32]:
+            with lock:
+                running[k] += 1
+                most[k] = max(most[k], running[k])
+                calls.append((k, int(input_ids[0, 0]), threading.current_thread().name))
+            try:
+                assert release.wait(HANG_GUARD_S)
+                return constant(input_ids, attention_mask)
+            finally:
+                with lock:
+                    running[k] -= 1
+
+        return infer
+
+    batcher = make([instance(0), instance(1)], max_batch_tokens=64, max_queue_items=4)
+    batcher.start()
+    requests = []
+    try:
+        requests.append(asyncio.ensure_future(batcher.submit([np.full(2, 1, dtype=np.int64)])))
+        await wait_until(lambda: len(calls) == 1, "the first batch running on instance 0")
+        requests.append(asyncio.ensure_future(batcher.submit([np.full(2, 2, dtype=np.int64)])))
+        await wait_until(lambda: len(calls) == 2, "the second batch running on instance 1")
+        # Both instances are busy: the third batch goes to instance 0, behind its first.
+        requests.append(asyncio.ensure_future(batcher.submit([np.full(2, 3, dtype=np.int64)])))
+        await wait_until(lambda: batcher.queued_items == 0, "the third batch given out")
+        for _ in range(3):  # the batch's task hands it to the instance's executor
+            await asyncio.sleep(0)
+        release.set()
+        scored = await guarded(asyncio.gather(*requests))
+    finally:
+        release.set()
+        await batcher.close()
+    assert [s.scores.tolist() for s in scored] == [[2.0], [4.0], [6.0]]
+    assert sorted(calls, key=lambda call: call[1]) == [
+        (0, 1, "rmserve-infer-0_0"),
+        (1, 2, "rmserve-infer-1_0"),
+        (0, 3, "rmserve-infer-0_0"),
+    ]
+    assert most == [1, 1]
