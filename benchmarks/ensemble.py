@@ -64,6 +64,12 @@ def _save(results: dict[str, Any]) -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _result_key(name: str, seeds: tuple[int, ...]) -> str:
+    """Where a stage over seeds stores its record: ``name`` for the default seeds, else
+    ``name_seeds_0-1-2-3-4``, so that more seeds do not replace the three the docs quote."""
+    return name if seeds == SEEDS else f"{name}_seeds_" + "-".join(map(str, seeds))
+
+
 def _runs(
     members: int, seeds: tuple[int, ...], prefix: str = ""
 ) -> list[tuple[str, int, list[str]]]:
@@ -259,7 +265,7 @@ def cross_seed(seeds: tuple[int, ...]) -> None:
     record |= ensemble_metrics(by_member)
     record["uncertainty_measures"] = _judge(_uncertainty_measures(by_member), by_member.mean())
     results = _load()
-    results["cross_seed" if seeds == SEEDS else "cross_seed_" + "-".join(map(str, seeds))] = record
+    results[_result_key("cross_seed", seeds)] = record
     _save(results)
     print(f"ensemble bench: cross-seed ensemble of {len(seeds)}: {record['accuracy']:.4f}")
 
@@ -352,9 +358,7 @@ def cost(
 
 
 def summary(members: int, seeds: tuple[int, ...]) -> dict[str, Any]:
-    """Means and sds over seeds, from the JSON; printed and stored under "summary" (the
-    default seeds) or "summary_seeds_0-1-2-3-4" (others: more seeds do not replace the
-    three the docs quote)."""
+    """Means and sds over seeds, from the JSON; printed and stored (:func:`_result_key`)."""
     results = _load()
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -430,9 +434,8 @@ def summary(members: int, seeds: tuple[int, ...]) -> dict[str, Any]:
             and f"single-seed{s}" in results["evaluate"]
         ]
     )
-    key = "summary" if seeds == SEEDS else "summary_seeds_" + "-".join(map(str, seeds))
     results = _load()
-    results[key] = table
+    results[_result_key("summary", seeds)] = table
     _save(results)
     print(json.dumps(table, indent=2))
     return table
