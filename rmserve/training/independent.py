@@ -16,7 +16,6 @@ folder of members::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -104,7 +103,7 @@ def train_independent_ensemble(
         _evaluate(members, eval_data, skip_malformed) if eval_data else (None, ())
     )
     normalization = _normalization(members, data, config, skip_malformed, limit)
-    info = dataclasses.replace(
+    info = replace(
         first,
         normalization=normalization,
         evaluation=evaluation,
@@ -126,7 +125,7 @@ def train_independent_ensemble(
 
 def _member_config(config: RewardConfig, seed: int, out: Path) -> RewardConfig:
     """One member's recipe: the ensemble's, as a single model with the member's seed."""
-    return dataclasses.replace(config, ensemble=1, seed=seed, output_dir=str(out))
+    return replace(config, ensemble=1, seed=seed, output_dir=str(out))
 
 
 def _first_member(folder: Path) -> tuple[TrainingInfo, PreTrainedTokenizerBase]:
