@@ -190,6 +190,12 @@ class Manifest:
         return len(self.labels)
 
     @property
+    def has_several_heads(self) -> bool:
+        """The model answers K > 1 values per item (several objectives, or an ensemble's
+        members): the doors add every head's value beside the reward."""
+        return self.num_heads > 1
+
+    @property
     def is_ensemble(self) -> bool:
         return self.ensemble is not None
 

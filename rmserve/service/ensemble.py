@@ -62,6 +62,6 @@ def member_rewards(
     head_scores: npt.NDArray[np.float32], manifest: Manifest
 ) -> npt.NDArray[np.float32]:
     """(n, K) members: every column of an ensemble, else the reward head alone (n, 1)."""
-    if manifest.ensemble is not None:
+    if manifest.is_ensemble:
         return head_scores
     return head_scores[:, [manifest.reward_head]]

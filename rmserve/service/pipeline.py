@@ -10,6 +10,9 @@ item (``partial``) keeps the other items' scores and reports the refused ones in
 
 A model may have several heads (the manifest's ``labels``): a result carries every head, and
 ``scores`` is the manifest's ``reward_head``, the number the routes call the reward.
+
+A result is raw; :meth:`Scorer.rewards` puts it on the scale a door was asked for (raw, or
+normalized with the bundle's statistics), the one place that rule lives.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from rmserve.service.tokenization import (
     ResponseTooLongAtError,
 )
 
-__all__ = ["ScoredItems", "Scorer", "item_error"]
+__all__ = ["Rewards", "ScoredItems", "Scorer", "item_error"]
 
 logger = logging.getLogger("rmserve.service.pipeline")
 
@@ -88,6 +91,17 @@ class ScoredItems:
             "x-queue-time": f"{self.queue_s * 1000:.3f}",
             "x-inference-time": f"{self.inference_s * 1000:.3f}",
         }
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """A result on the scale its caller asked for: raw, or normalized, (value - mean) / std
+    with the bundle's statistics (those of the reward: the reward head, or an ensemble's
+    aggregate, whose members share its scale). A refused item's rows stay NaN."""
+
+    scores: npt.NDArray[np.float64]  # (n,) the reward of each item
+    std: npt.NDArray[np.float64]  # (n,) the members' std: a spread scales, it does not shift
+    members: npt.NDArray[np.float64]  # (n, M) each member's reward, as scores
 
 
 class Scorer:
@@ -187,9 +201,18 @@ class Scorer:
             )
         return chosen
 
-    def normalize(self, scores: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-        """(score - mean) / std with the bundle's statistics."""
-        norm = self.manifest.normalization
+    def rewards(self, result: ScoredItems, *, normalize: bool) -> Rewards:
+        """``result``'s rewards, members and std, raw or (``normalize``) normalized with the
+        bundle's statistics: every door that normalizes (a /v1 request's ``normalize``, the
+        compatibility doors' RMSERVE_COMPAT_NORMALIZE) asks here."""
         # In float64: a small std would amplify float32 rounding of the difference.
-        out: npt.NDArray[np.float64] = (scores.astype(np.float64) - norm.mean) / norm.std
-        return out
+        scores = result.scores.astype(np.float64)
+        members = result.members.astype(np.float64)
+        if not normalize:
+            return Rewards(scores, result.std, members)
+        norm = self.manifest.normalization
+        return Rewards(
+            scores=(scores - norm.mean) / norm.std,
+            std=result.std / norm.std,
+            members=(members - norm.mean) / norm.std,
+        )

@@ -1,8 +1,11 @@
 """Request and response models of every route (docs/architecture.md: The wire API).
 
-The ``/v1`` routes are strict (unknown fields are refused, so a typo is an error, not a
-silently ignored option). The compatibility routes ``/get_reward`` (OpenRLHF) and
-``/classify`` (vLLM, as verl calls it) accept and ignore the other fields those projects send.
+The ``/v1`` routes are strict: unknown fields are refused, so a typo is an error, not a
+silently ignored option, and a flag is JSON ``true`` or ``false`` (``"yes"``, ``"false"`` or
+``1`` is a 422 naming the field, not a guess). The compatibility routes ``/get_reward``
+(OpenRLHF), ``/classify`` (vLLM, as verl calls it) and ``/slime/reward`` accept and ignore
+the other fields those projects send, and ``/classify`` reads its flags leniently, as pydantic
+does (``"false"``, ``0``, ``"off"``), whatever form its callers send them in.
 
 Chat messages are checked only for shape here (a non-empty role, a string or a list of content
 parts): which roles and contents a conversation may have is the bundle's text format's call
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from rmserve.service.tokenization import ItemInput
 
@@ -44,6 +47,7 @@ __all__ = [
     "ScoreItem",
     "ScoreRequest",
     "ScoreResponse",
+    "ScoringOptions",
     "SlimeRewardRequest",
     "Usage",
 ]
@@ -109,14 +113,6 @@ def _dump(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [m.model_dump() for m in messages]
 
 
-_TRUNCATE_RESPONSE = Field(
-    default=None,
-    description="A response that alone does not fit max_length: cut its end and flag it "
-    "(true) or refuse that item (false). Absent: the server's RMSERVE_TRUNCATE_RESPONSE "
-    "(default false).",
-)
-
-
 class EnsembleOptions(BaseModel):
     """How an ensemble's members become the reward (one model is an ensemble of one)."""
 
@@ -132,8 +128,24 @@ class EnsembleOptions(BaseModel):
         allow_inf_nan=False,
         description="The variance weight of uwo (absent: RMSERVE_UWO_LAMBDA); only with uwo.",
     )
-    return_members: bool = Field(
+    return_members: StrictBool = Field(
         default=False, description="Add members: each item's reward by every member."
+    )
+
+
+class ScoringOptions(EnsembleOptions):
+    """What every /v1 scoring request may ask besides its items: the scale of the rewards,
+    the truncation policy and the ensemble options."""
+
+    model_config = _STRICT
+    normalize: StrictBool = Field(
+        default=False, description="Return (score - mean) / std with the bundle's statistics."
+    )
+    truncate_response: StrictBool | None = Field(
+        default=None,
+        description="A response that alone does not fit max_length: cut its end and flag it "
+        "(true) or refuse that item (false). Absent: the server's RMSERVE_TRUNCATE_RESPONSE "
+        "(default false).",
     )
 
 
@@ -172,7 +184,7 @@ class Usage(BaseModel):
     tokens: int = Field(description="Tokens the model read (special tokens included).")
 
 
-class ScoreRequest(EnsembleOptions):
+class ScoreRequest(ScoringOptions):
     """Items to score, each a (prompt, response) pair, a conversation whose last message is
     the response, or text already rendered in the model's format."""
 
@@ -203,10 +215,6 @@ class ScoreRequest(EnsembleOptions):
         },
     )
     items: list[ScoreItem] = Field(min_length=1, description="Items to score.")
-    normalize: bool = Field(
-        default=False, description="Return (score - mean) / std with the bundle's statistics."
-    )
-    truncate_response: bool | None = _TRUNCATE_RESPONSE
 
 
 _HEAD_SCORES = Field(
@@ -239,7 +247,7 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
-class _PromptedRequest(EnsembleOptions):
+class _PromptedRequest(ScoringOptions):
     """Responses to one prompt: the prompt as a string or as the conversation before them."""
 
     model_config = _STRICT
@@ -247,8 +255,6 @@ class _PromptedRequest(EnsembleOptions):
     messages: list[ChatMessage] | None = Field(
         default=None, description="The conversation before the responses."
     )
-    normalize: bool = False
-    truncate_response: bool | None = _TRUNCATE_RESPONSE
 
     @model_validator(mode="after")
     def _one_prompt(self) -> _PromptedRequest:

@@ -77,12 +77,12 @@ async def get_reward(
         items.append(ItemInput(text=query, response_start=start))
     settings = state.settings
     result = await scorer.score(items, truncate_response=settings.compat_truncate_response)
-    scores = scorer.normalize(result.scores) if settings.compat_normalize else result.scores
+    rewards = scorer.rewards(result, normalize=settings.compat_normalize)
     response.headers.update(result.timing_headers())
-    values = scores.tolist()
+    values = rewards.scores.tolist()
     extra_logs: dict[str, Any] = {"truncated": [float(t) for t in result.truncated]}
-    if scorer.manifest.ensemble is not None:  # OpenRLHF logs every key, per query
-        extra_logs["reward_std"] = result.std.tolist()
+    if scorer.manifest.is_ensemble:  # OpenRLHF logs every key, per query
+        extra_logs["reward_std"] = rewards.std.tolist()  # on the scale of the rewards
     return GetRewardResponse(rewards=values, scores=values, extra_logs=extra_logs)
 
 
@@ -124,26 +124,21 @@ async def classify(
     _check_template(body, scorer)
     truncate = state.settings.compat_truncate_response
     result = await scorer.score(body.items(), truncate_response=truncate)
-    labels = scorer.manifest.labels
-    if scorer.manifest.ensemble is not None:
-        labels = ("reward",)  # one reward (the server's aggregate), not K classes
-    if len(labels) == 1:
-        normalize = state.settings.compat_normalize
-        reward = scorer.normalize(result.scores) if normalize else result.scores
-        logits = reward.astype(np.float64)[:, None]  # (n, 1)
-    else:
+    manifest = scorer.manifest
+    # An ensemble's members are not classes: it answers one reward (the server's aggregate).
+    if manifest.has_several_heads and not manifest.is_ensemble:
         logits = result.head_scores.astype(np.float64)  # (n, K)
+        # The activations keep the order of the logits: the label of the largest.
+        winners: list[str | None] = [manifest.labels[int(i)] for i in logits.argmax(axis=1)]
+    else:
+        reward = scorer.rewards(result, normalize=state.settings.compat_normalize).scores
+        logits = reward[:, None]  # (n, 1)
+        # One head has no class to name: label stays null, as rmserve has always answered.
+        winners = [None] * len(reward)
     probs = class_probs(logits, body.activated())
     # Probabilities in float32 as vLLM's; raw values exactly as /v1/score gives them.
     values: list[list[float]] = (
         probs.astype(np.float32).tolist() if body.activated() else probs.tolist()
-    )
-    # The activations keep the order of the logits. One head has no class to name: label
-    # stays null there, as rmserve has always answered.
-    winners: list[str | None] = (
-        [labels[int(i)] for i in np.argmax(logits, axis=1)]
-        if len(labels) > 1
-        else [None] * len(values)
     )
     response.headers.update(result.timing_headers())
     return ClassifyResponse(
@@ -155,7 +150,7 @@ async def classify(
                 index=i,
                 label=winners[i],
                 probs=row,
-                num_classes=len(labels),
+                num_classes=logits.shape[1],
                 truncated=result.truncated[i],
             )
             for i, row in enumerate(values)
@@ -168,21 +163,22 @@ async def classify(
 async def slime_reward(
     body: SlimeRewardRequest, response: Response, scorer: ScorerDep, state: StateDep
 ) -> dict[str, Any]:
-    """One sample's reward: ``reward`` (the reward head, or an ensemble's aggregate, raw),
-    the same as ``score``, ``truncated``, and for a model of several heads each head's raw
-    value under its label (an ensemble's members as ``member_k``, and ``std``), so that
-    slime's ``--reward-key`` picks any of them."""
+    """One sample's reward: ``reward`` (the reward head, or an ensemble's aggregate; raw, or
+    normalized under RMSERVE_COMPAT_NORMALIZE), the same as ``score``, ``truncated``, and
+    for a model of several heads each head's raw value under its label (an ensemble's
+    members as ``member_k``, and ``std``), so that slime's ``--reward-key`` picks any of
+    them."""
     settings = state.settings
     truncate = settings.compat_truncate_response
     result = await scorer.score([body.to_input()], truncate_response=truncate)
-    reward = float(result.scores[0])
-    if settings.compat_normalize:
-        reward = float(scorer.normalize(result.scores)[0])
+    rewards = scorer.rewards(result, normalize=settings.compat_normalize)
+    reward = float(rewards.scores[0])
     response.headers.update(result.timing_headers())
     answer: dict[str, Any] = {"reward": reward, "score": reward, "truncated": result.truncated[0]}
-    labels = scorer.manifest.labels
-    if len(labels) > 1:
-        answer |= {label: float(v) for label, v in zip(labels, result.head_scores[0], strict=True)}
-    if scorer.manifest.ensemble is not None:
-        answer["std"] = float(result.std[0])
+    manifest = scorer.manifest
+    if manifest.has_several_heads:
+        heads = zip(manifest.labels, result.head_scores[0], strict=True)
+        answer |= {label: float(v) for label, v in heads}
+    if manifest.is_ensemble:
+        answer["std"] = float(rewards.std[0])  # on the scale of the reward
     return answer
