@@ -18,8 +18,9 @@ runs one batch at a time; a batch goes to the instance with the least work. ORT 
 GIL, so the event loop keeps accepting requests meanwhile, and the next batch fills while
 others run. When every instance is busy, a batch may also be queued behind an instance's
 running batch (at most one per instance), so that the instance starts it as soon as it is done
-instead of waiting for the event loop to notice and dispatch (about 3% of the model's time
-under load, measured on 2 cores). The same rules pick the batch either way.
+instead of idling until the event loop notices and dispatches (docs/performance.md). The same
+rules pick the batch either way.
+
 Batches are right-padded with ``pad_token_id`` to their own longest item, with an attention
 mask, so an item's score does not depend on its neighbours. With packed inference functions
 (a decoder bundle's packed graph, :mod:`rmserve.packing`) the functions lay the batch out

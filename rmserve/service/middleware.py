@@ -1,11 +1,18 @@
-"""Two small ASGI middlewares (plain ASGI: no per-request task overhead).
+"""The service's three ASGI middlewares (plain ASGI: no per-request task overhead).
 
+- :class:`AdmissionMiddleware` answers a POST 429 with Retry-After, before its body is
+  parsed, while ``max_in_flight`` POSTs are already in progress, so that an overload costs a
+  header parse per refused request.
 - :class:`BodyLimitMiddleware` refuses a POST whose body is not JSON (415) or is larger than
   ``max_request_bytes`` (413), from Content-Length when the client sends one and while reading
   otherwise, so a huge body is never read whole into memory.
 - :class:`ObservabilityMiddleware` gives each request an id (``x-request-id``, the caller's
   if it sent a sane one), adds ``x-total-time``, counts requests by route and status, times
   them, and writes one access log line carrying the id.
+
+``create_app`` stacks them outermost first: observability (so that the other two's refusals
+are counted and logged as well), Starlette's CORS when origins are set, admission, then the
+body limit.
 """
 
 from __future__ import annotations
@@ -63,12 +70,11 @@ class AdmissionMiddleware:
     ``max_in_flight`` POSTs are already being parsed, tokenized, queued or scored.
 
     Why: a full queue refuses requests only after FastAPI has parsed and validated their
-    JSON, on the event loop that also runs the batcher. Under a flood of large requests
-    refusing then costs about as much as scoring, and goodput collapsed (measured at 3x
-    capacity: from 33 to 4 requests/s, with a 30 s backlog; tests/reliability/test_overload).
-    This refusal costs a header parse: the body is read and dropped unparsed, so the
-    connection stays usable (closing it with unread data would reset it, and the client
-    would see a connection error instead of the 429).
+    JSON, on the event loop that also runs the batcher. Under a flood of large requests,
+    refusing there costs about as much as scoring, and goodput collapses (docs/reliability.md,
+    "Overload"; tests/reliability/test_overload.py). This refusal costs a header parse: the
+    body is read and dropped unparsed, so the connection stays usable (closing it with unread
+    data would reset it, and the client would see a connection error instead of the 429).
     """
 
     def __init__(self, app: ASGIApp, max_in_flight: int):

@@ -13,16 +13,14 @@ intra-op thread pool, so that several batches run at once (the batcher gives eac
 one worker thread). On a CPU, instances of fewer threads waste less time than one instance of
 many: each operator of a small-batch forward pass is short, so its threads spend much of it
 waiting for one another, and a thread the event loop or the tokenizer interrupts stalls them
-all. Measured on 2 cores (docs/performance.md): at batches of up to 8, two 1-thread sessions
-scored 4-32% more pairs per second than one 2-thread session. ORT releases the GIL while it
-runs.
+all (docs/performance.md has the measurements). ORT releases the GIL while it runs.
 
 A decoder bundle may carry a *packed* graph per precision (the manifest's ``packed``): items
 that share a prompt are scored in one row, the prompt computed once (:mod:`rmserve.packing`).
 With ``prefix_reuse`` (the default) the runtime loads that graph instead of the plain one and
-scores every batch through it, lone items as rows of their own (measured: as fast as the
-plain graph for them); without it, or for a variant that has none (int8), the plain graph.
-Only one of the two is ever loaded.
+scores every batch through it, lone items as rows of their own (no slower than the plain
+graph for them; docs/performance.md); without it, or for a variant that has none (int8), the
+plain graph. Only one of the two is ever loaded.
 
 The model's output ``reward`` is [batch] for one head and [batch, K] for a model of K heads
 (the manifest's ``labels``). ``run`` always answers (B, K), K = 1 included, and checks the
@@ -182,9 +180,8 @@ def choose_instances(instances: int, threads: int, provider: str, cores: int) ->
     return chosen, threads or max(1, cores // chosen)
 
 
-# Measured with the default MiniLM bundle on 2 CPU cores (docs/performance.md): per pair, a
-# batch of 16 cost 15-20% more than one of 4 or 8 (the activations outgrow the caches), while
-# a GPU needs large batches to be busy.
+# On a CPU a pair costs more in a large batch, whose activations outgrow the caches, so small
+# batches; a GPU needs large batches to be busy (docs/performance.md has the batch-size sweep).
 AUTO_BATCH_SIZE = {"cpu": 8, "cuda": 64}
 
 

@@ -2,7 +2,7 @@
 
 Every field is read from the environment with the prefix ``RMSERVE_`` (``RMSERVE_MAX_WAIT_MS``)
 and is also a flag of ``rmserve serve`` (``--max-wait-ms``); the flag wins over the variable.
-The descriptions here are the flags' help text and the README's settings table.
+The descriptions here are the flags' help text and the settings table of docs/service.md.
 
 The defaults are safe: loopback only, bounded queue and request sizes. Settings that would be
 unsafe or contradictory are refused when the object is built, with a message naming the fix.
@@ -23,7 +23,9 @@ __all__ = ["AUTO_MAX_BATCH_TOKENS", "MIN_API_KEY_LENGTH", "ServiceSettings"]
 MIN_API_KEY_LENGTH = 16
 
 # The token budget of a batch when max_batch_tokens is 0 (auto) and one item of the max_length
-# in force needs less: the fixed default before the budget followed the bundle.
+# in force needs less. It binds only on long items: a full batch of CUDA's 64 items of 256
+# tokens, or of the CPU's 8 of 2048, fits; longer items make smaller batches, which bounds a
+# batch's activation memory.
 AUTO_MAX_BATCH_TOKENS = 16384
 
 PrecisionChoice = Literal["auto", "fp32", "int8", "fp16"]
@@ -168,7 +170,8 @@ class ServiceSettings(BaseSettings):
         "the plain graph (for comparison and debugging).",
     )
     # One thread by default: encode_batch already spreads a batch over the cores in Rust, and
-    # on a small machine a second Python thread only competes with the model (benchmarks).
+    # on a small machine a second Python thread only competes with the model
+    # (docs/performance.md).
     tokenizer_threads: int = Field(
         default=1,
         ge=1,

@@ -261,8 +261,8 @@ class RequestTokenizer:
         if chars > self.max_item_chars:
             raise ItemTooLongError(index, chars, self.max_item_chars)
         # JSON may carry "\ud800" (and Python decodes raw surrogate bytes with surrogatepass);
-        # the Rust tokenizer cannot take such a str and would fail with a 500. Found by
-        # tests/reliability/test_bad_input.py.
+        # the Rust tokenizer cannot take such a str and would fail with a 500
+        # (tests/reliability/test_bad_input.py sends such text).
         if _SURROGATE.search(text.text) or (text.pair and _SURROGATE.search(text.pair)):
             raise InvalidItemError(
                 index,

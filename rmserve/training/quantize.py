@@ -1,12 +1,9 @@
-"""The int8 variant: per-token int8 whose scores do not depend on the batch (issue 16).
+"""The int8 variant: per-token int8 whose scores do not depend on the batch.
 
-``onnxruntime.quantization.quantize_dynamic`` (the int8 variant before this module) quantizes
-each MatMul's input with *one* scale for the whole batch, so an item's score moved with its
-neighbours: on the default MiniLM recipe, by up to 0.40 between scoring a dev text alone and
-in a batch of 8, and its decisions agreed with fp32 on 92.9% of the 240 dev pairs (95.4%
-through the server's batching).
-
-Here every row (token) of a MatMul's input gets its own scale, from that row alone:
+Dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) gives each MatMul's input
+*one* scale for the whole batch, so an item's score moves with its neighbours and the server's
+batching changes decisions. Here every row (token) of a MatMul's input gets its own scale,
+from that row alone:
 
 - weights: int8, symmetric, one scale per output column (per channel);
 - activations: uint8, asymmetric, one (min, max) per token, computed in the graph at run time;
@@ -14,8 +11,8 @@ Here every row (token) of a MatMul's input gets its own scale, from that row alo
 - outlier channels: the ``outlier_channels`` input channels of largest magnitude on the
   calibration texts stay in fp32 (a small fp32 MatMul beside the int8 one), so that they do
   not set every token's scale (LLM.int8()'s decomposition, with the channels fixed at export).
-  BERT-style encoders carry a few channels 10-15x larger than the rest (MiniLM: up to 30
-  against a median of 2 after some LayerNorms).
+  BERT-style encoders carry, after some LayerNorms, a few channels an order of magnitude
+  larger than the rest; quantized with them, every other channel would lose its resolution.
 
 Nothing in a row's score depends on another row, so an item scores the same alone or in any
 batch, bit for bit, as far as the fp32 operators around the MatMuls do (they do on ORT's CPU
@@ -23,18 +20,16 @@ kernels; tests/training/test_quantize.py checks both). Calibration only chooses 
 channels stay in fp32; no scale is fitted, so a calibration set that misses some inputs costs
 a little accuracy, never a clipped activation.
 
-Measured on the default recipe (benchmarks/int8.py, benchmarks/results/cpu/int8.json, 2 CPU
-cores): RMS score error 0.0097 against fp32 (dynamic int8: 0.054; per-token without outlier
-channels: 0.021; static QDQ with calibrated per-tensor scales: 0.17); decisions agree with
-fp32 on 99.2-100% of the 240 dev pairs over seven calibration samples (99.6% as export
-calibrates, the same through the server's batching) and on 99.3% of 900 more pairs. Speed:
-1.35-1.46x fp32, 0.74-0.79x dynamic int8 (the per-token statistics and the fp32 side product
-cost that). Attention's activation-by-activation MatMuls, softmax, LayerNorm, GELU, the
-embeddings and the pooler/classifier ``Gemm`` stay in fp32.
+The price is speed: the per-token statistics and the fp32 side product make it slower than
+dynamic int8, though still faster than fp32 on CPU. ``benchmarks/int8.py`` measures score
+error, decision agreement with fp32 and speed against dynamic int8, static QDQ and per-token
+int8 without outlier channels (results in benchmarks/results/cpu/int8.json, summed up in
+docs/training.md, "The int8 variant"). Attention's activation-by-activation MatMuls, softmax,
+LayerNorm, GELU, the embeddings and the pooler/classifier ``Gemm`` stay in fp32.
 
 Only ``MatMul`` nodes whose second input is a 2-D float32 initializer are rewritten; each
 input tensor is quantized once for all the MatMuls that read it (query, key and value share
-theirs). The rewrite needs the fp32 graph in memory (as ``quantize_dynamic`` did).
+theirs). The rewrite needs the fp32 graph in memory.
 """
 
 from __future__ import annotations
@@ -55,9 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = ["OUTLIER_CHANNELS", "Int8Summary", "QuantizationError", "quantize_int8"]
 
-# Input channels kept in fp32 per quantized MatMul input (at most a quarter of them). On the
-# default MiniLM (benchmarks/int8.py): 0 -> RMS error 0.021 and 98.4% agreement with fp32 on
-# 900 training pairs; 16 -> 0.0097 and 99.3%, for 7-11% of the speed.
+# Input channels kept in fp32 per quantized MatMul input (at most a quarter of them): enough
+# to hold a BERT-style encoder's outlier channels, few enough that the fp32 side product
+# stays small. benchmarks/int8.py compares 16 with none on the default recipe's model.
 OUTLIER_CHANNELS = 16
 
 # A row whose values are all equal still gets a nonzero scale.
@@ -426,9 +421,9 @@ class _Rewriter:
             return helper.make_node(op, inputs, [out], name=f"{out}/{op}", **attrs)
 
         return [
-            # int32 product (exact) times 1 * column_scale, in one ORT kernel: measured 7%
-            # faster than MatMulInteger, Cast and Mul (and DequantizeLinear of int32 per axis
-            # 4x slower still).
+            # int32 product (exact) times 1 * column_scale, in one ORT kernel: the fastest
+            # spelling on ORT's CPU kernels; MatMulInteger followed by Cast and Mul (or by
+            # DequantizeLinear of int32 per axis) makes extra passes over the whole product.
             helper.make_node(
                 "MatMulIntegerToFloat",
                 [

@@ -153,12 +153,12 @@ def ensemble_metrics(scores: MemberScores, bins: int = 4) -> dict[str, Any]:
     whether the disagreement predicts the mean's mistakes.
 
     The mean's accuracy per quartile (least uncertain first) of three measures: the margin std
-    (the issue's measure), the margin std over the mean's |margin| (the spread relative to the
-    decision's size), and, as the baseline that needs no ensemble, a small |margin| of the
-    mean. On HH dev the raw std grows with |margin| (members scale their margins together), so
-    its top quartile is the most often right: the relative std is the one that predicts
-    mistakes (docs/training.md has the numbers). Then the mean's accuracy on the pairs the
-    members decide unanimously against those they split on.
+    (the members' plain disagreement), the margin std over the mean's |margin| (the spread
+    relative to the decision's size), and, as the baseline that needs no ensemble, a small
+    |margin| of the mean. On HH dev the raw std grows with |margin| (members scale their
+    margins together), so its top quartile is the most often right: the relative std is the
+    one that predicts mistakes (docs/training.md has the numbers). Then the mean's accuracy on
+    the pairs the members decide unanimously against those they split on.
     """
     mean = scores.mean()
     spread = scores.margin_std()  # (P,)

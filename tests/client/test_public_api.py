@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import re
+import typing
 from typing import Any
 
 import httpx
@@ -75,11 +76,36 @@ PUBLIC = {
 }
 
 
+# The names of PUBLIC that are neither a class nor a function, with what each is bound to.
+CONSTANTS = {"API_KEY_ENV": "RMSERVE_API_KEY", "BASE_URL_ENV": "RMSERVE_BASE_URL"}
+TYPE_ALIASES = {"Aggregate": ("mean", "min", "uwo")}  # Literal aliases: their values
+# Lower-case factory names bound to the class they make (``trl_reward_func(...)``).
+FACTORIES = {
+    "trl_reward_func": "TRLRewardFunction",
+    "async_trl_reward_func": "AsyncTRLRewardFunction",
+}
+
+
 def test_all_is_pinned_and_importable() -> None:
     assert set(client_module.__all__) == PUBLIC
     assert len(client_module.__all__) == len(PUBLIC)  # no duplicates
+    assert {*CONSTANTS, *TYPE_ALIASES, *FACTORIES} <= PUBLIC
     for name in client_module.__all__:
-        assert getattr(client_module, name) is not None
+        value = getattr(client_module, name)
+        assert value is not None, name
+        assert not inspect.ismodule(value), name
+        if name in CONSTANTS:
+            assert type(value) is str, (name, value)
+            assert value == CONSTANTS[name], (name, value)
+        elif name in TYPE_ALIASES:
+            assert typing.get_origin(value) is typing.Literal, (name, value)
+            assert typing.get_args(value) == TYPE_ALIASES[name], (name, value)
+        else:
+            # A class or a function of the package itself, under its own name: not a stray
+            # re-export, a value, or one public name bound to another's object.
+            assert inspect.isclass(value) or inspect.isfunction(value), (name, value)
+            assert value.__module__.startswith("rmserve.client."), (name, value.__module__)
+            assert value.__name__ == FACTORIES.get(name, name), (name, value.__name__)
 
 
 def test_exception_tree_matches_the_docstring() -> None:

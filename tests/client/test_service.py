@@ -11,6 +11,7 @@ import asyncio
 import math
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from rmserve.client import (
     trl_reward_func,
 )
 from rmserve.formatting import messages_from_pair, render
+from rmserve.manifest import load_bundle
 from tests.client.client_servers import API_KEY
 
 PROMPTS = [
@@ -150,15 +152,25 @@ def test_rank_over_more_responses_than_a_request_equals_the_server_rank(
 
 
 def test_normalize_uses_the_bundle_statistics(
-    new_client: Callable[..., Any], service_url: str
+    new_client: Callable[..., Any], service_url: str, tiny_encoder_bundle: Path
 ) -> None:
+    measured = load_bundle(tiny_encoder_bundle).normalization
+    # The fixture's statistics are measured at export (not export's unmeasured 0 / 1, with
+    # which scores that were never normalized would pass), and the server reports those.
+    assert measured.n > 0
+    assert measured.reference.startswith("eval pairs"), measured.reference
+    assert measured.mean != 0.0
+    assert abs(measured.std - 1.0) > 1e-3, measured.std
     with new_client(service_url) as client:
         info = client.models()
         raw = client.score(PROMPTS, RESPONSES)
         normalized = client.score(PROMPTS, RESPONSES, normalize=True)
     assert info.normalization is not None
     mean, std = info.normalization["mean"], info.normalization["std"]
+    assert (mean, std) == (measured.mean, measured.std)
     assert_close(normalized.scores, [(s - mean) / std for s in raw.scores])
+    for got, score in zip(normalized.scores, raw.scores, strict=True):
+        assert abs(got - score) > 1e-3, (got, score)
 
 
 def test_a_response_too_long_costs_only_its_own_score_unless_truncation_is_asked(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,19 +74,56 @@ def test_score_normalize_uses_the_manifest_statistics(
     post: Post, tiny_encoder_bundle: Path
 ) -> None:
     norm = load_bundle(tiny_encoder_bundle).normalization
+    # Measured at export on the fixture's eval pairs, not export's unmeasured 0 / 1: with
+    # those, a server that never normalized would pass the check below.
+    assert norm.n > 0
+    assert norm.reference.startswith("eval pairs"), norm.reference
+    assert norm.mean != 0.0
+    assert abs(norm.std - 1.0) > 1e-3, norm.std
     raw = post("/v1/score", {"items": [PAIR]}).json()["scores"][0]
     normalized = post("/v1/score", {"items": [PAIR], "normalize": True}).json()["scores"][0]
     assert normalized == pytest.approx((raw - norm.mean) / norm.std, rel=1e-5, abs=1e-5)
+    assert normalized != pytest.approx(raw, rel=1e-3, abs=1e-3)
+
+
+TIMING_HEADERS = ("x-tokenization-time", "x-queue-time", "x-inference-time", "x-total-time")
+GENERATED_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+
+
+def timing_ms(response: httpx.Response) -> dict[str, float]:
+    """The four timing headers in milliseconds, each present, finite and not negative."""
+    times: dict[str, float] = {}
+    for name in TIMING_HEADERS:
+        assert name in response.headers, f"{name} missing from {dict(response.headers)}"
+        value = float(response.headers[name])
+        assert math.isfinite(value), (name, value)
+        assert value >= 0.0, (name, value)
+        times[name] = value
+    return times
 
 
 def test_score_timing_and_request_id_headers(post: Post) -> None:
     r = post("/v1/score", {"items": [PAIR]}, headers={"x-request-id": "trace-123"})
     assert r.status_code == 200
-    assert r.headers["x-request-id"] == "trace-123"
-    for name in ("x-queue-time", "x-inference-time", "x-total-time", "x-tokenization-time"):
-        assert float(r.headers[name]) >= 0.0
-    generated = post("/v1/score", {"items": [PAIR]}).headers["x-request-id"]
-    assert len(generated) == 32
+    assert r.headers["x-request-id"] == "trace-123"  # a sane caller id is echoed
+    ms = timing_ms(r)
+    assert ms["x-inference-time"] > 0.0  # the model ran
+    # One item is tokenized, then queued, then run in one batch, one after the other and
+    # all inside the span of x-total-time, which itself ends before the client has the
+    # answer. Each header is rounded to 0.001 ms.
+    parts = ms["x-tokenization-time"] + ms["x-queue-time"] + ms["x-inference-time"]
+    assert parts <= ms["x-total-time"] + 0.003, ms
+    assert ms["x-total-time"] <= r.elapsed.total_seconds() * 1000 + 0.5, (ms, r.elapsed)
+    # Without a sane id of the caller's (none, or one the server will not log), every
+    # request gets a fresh one of its own.
+    sent: list[str | None] = [None, "has spaces", "x" * 129, "semi;colon"]
+    generated = [
+        post("/v1/score", {"items": [PAIR]}, headers=None if i is None else {"x-request-id": i})
+        for i in sent
+    ]
+    ids = [g.headers["x-request-id"] for g in generated]
+    assert all(GENERATED_ID.fullmatch(i) for i in ids), ids
+    assert len(set(ids)) == len(ids), ids
 
 
 def test_long_prompt_is_dropped_from_the_left_and_reported(post: Post) -> None:
