@@ -170,7 +170,12 @@ def _export_output_arguments(export: argparse.ArgumentParser) -> None:
     """What the bundle holds and where it goes."""
     group = export.add_argument_group("the bundle")
     group.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
-    group.add_argument("--model-name", help="model name in the manifest (default: BUNDLE name)")
+    group.add_argument(
+        "--model-name",
+        help="model name in the manifest, served as the responses' model (default: the "
+        "model's own: its hub id; for a checkpoint rmserve trained with a preset, the preset, "
+        "e.g. minilm-hh; else the MODEL folder's name)",
+    )
     group.add_argument("--int8", action="store_true", help="add model.int8.onnx (CPU serving)")
     group.add_argument("--fp16", action="store_true", help="add model.fp16.onnx (GPU serving)")
     group.add_argument(
@@ -279,6 +284,16 @@ class TrainRecipe:
     base: str  # the --base value, or the preset's
     config: RewardConfig
     explicit: tuple[str, ...]  # the RewardConfig fields given on the command line
+
+    @property
+    def recorded_preset(self) -> str | None:
+        """The preset recorded with the checkpoint, which export names the model after: the
+        preset when it trained its own base model; None for --preset none or another --base
+        (a preset's name would then misname the model)."""
+        from rmserve.training.config import PRESETS
+
+        preset = PRESETS.get(self.preset)
+        return preset.name if preset is not None and self.base == preset.base else None
 
 
 def build_train_parser(prog: str = "rmserve train") -> argparse.ArgumentParser:
@@ -493,6 +508,7 @@ def run_train(args: argparse.Namespace) -> int:
             eval_data=eval_data,
             skip_malformed=options.skip_malformed,
             limit=options.limit,
+            preset=recipe.recorded_preset,
         )
     except ValueError as e:  # DataError and bad settings: a message, not a traceback
         print(f"rmserve train: error: {e}", file=sys.stderr)

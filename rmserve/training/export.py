@@ -115,7 +115,7 @@ from rmserve.training.uncertainty import MemberScores, disagreement, score_membe
 CALIBRATION_TEXTS = 128
 Exporter = Literal["torchscript", "dynamo", "fused"]
 
-__all__ = ["ExportError", "export_bundle", "export_onnx"]
+__all__ = ["ExportError", "default_model_name", "export_bundle", "export_onnx"]
 
 
 class ExportError(RuntimeError):
@@ -428,7 +428,8 @@ def export_bundle(
     model's chat template (:func:`choose_text_format`). ``dtype="fp16"`` loads the weights in
     half precision (never a full fp32 copy) and writes a bundle of one fp16 variant, for
     CUDA. ``packed``: a decoder also gets its packed graph (shared-prompt reuse,
-    :mod:`rmserve.packing`), checked against torch item by item. Raises
+    :mod:`rmserve.packing`), checked against torch item by item. ``model_name`` defaults to
+    the model's own (:func:`default_model_name`), not ``out_dir``'s. Raises
     :class:`ExportError` with the numbers when a check fails, and then leaves ``out_dir`` as
     it was.
     """
@@ -451,7 +452,7 @@ def export_bundle(
         eval_pairs=eval_pairs,
         eval_data=eval_data,
         max_length=max_length,
-        model_name=model_name or out.resolve().name,
+        model_name=model_name or default_model_name(checkpoint_dir),
         text_format=text_format,
         text_format_choice=text_format_choice,
         head_name=head_name,
@@ -473,6 +474,19 @@ def export_bundle(
         raise
     step(f"bundle written to {out}")
     return manifest
+
+
+def default_model_name(source: str | Path) -> str:
+    """The manifest's model name when none is given: the model's own, never the bundle folder's.
+    A hub id as given; for a local folder, the preset rmserve trained it with (recorded in
+    rmserve_training.json on its own base model), else the folder's name."""
+    path = Path(source)
+    if not path.is_dir():
+        return str(source)
+    info = TrainingInfo.read(path)
+    if info is not None and info.preset:
+        return info.preset
+    return path.resolve().name
 
 
 def _extra_variants(*, int8: bool, fp16: bool) -> tuple[Precision, ...]:

@@ -44,6 +44,9 @@ class TrainingInfo:
     train_data: str | None = None  # where the training pairs came from
     eval_data: str | None = None  # the eval set; export reuses it for int8/fp16 parity
     ensemble: EnsembleInfo | None = None  # set when the outputs are ensemble members
+    # The `rmserve train` preset whose recipe trained the checkpoint on the preset's own base
+    # model (export names the model after it); None for --preset none or another --base.
+    preset: str | None = None
 
     def write(self, checkpoint_dir: str | Path) -> Path:
         data = asdict(self)
@@ -81,8 +84,15 @@ class TrainingInfo:
                 train_data=data.get("train_data"),
                 eval_data=data.get("eval_data"),
                 ensemble=ensemble,
+                preset=_optional_str(data.get("preset"), "preset"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"{path} is malformed ({e}); delete it or train the checkpoint again"
             ) from e
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{name} is {value!r}, not a string")

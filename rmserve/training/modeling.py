@@ -12,6 +12,10 @@ which exports badly), under the attention mask, so right padding never moves it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +46,14 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the alias is, for
 # Phi, ...); encoder heads are called ``classifier`` (BERT, RoBERTa, DeBERTa, DistilBERT,
 # ELECTRA, ...). The attribute name is the most reliable signal that works for new models too.
 _DECODER_HEAD = "score"
+_ENCODER_HEAD = "classifier"
+
+# transformers 5 logs its load report (a table of MISSING / UNEXPECTED / MISMATCH weights) as
+# one warning on the logger of modeling_utils (utils/loading_report.log_state_dict_report).
+_LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+_LOAD_REPORT_MARK = "LOAD REPORT"
+
+logger = logging.getLogger("rmserve.training.modeling")
 
 
 def resolve_base(base: str) -> str:
@@ -112,7 +124,11 @@ def load_reward_model(
     """An ``AutoModelForSequenceClassification`` with one output (a fresh head if needed), or
     ``num_labels`` outputs for an ensemble of heads: a head of another size in the checkpoint
     is then replaced by a fresh one (the members' rows are drawn by
-    :func:`rmserve.training.ensemble.init_member_heads`)."""
+    :func:`rmserve.training.ensemble.init_member_heads`).
+
+    A fresh head is said in one line on the ``rmserve.training.modeling`` logger instead of
+    transformers' load report table; the table stays when any other weight is missing,
+    unexpected or of another shape."""
     from transformers import AutoModelForSequenceClassification
 
     # fp32 weights unless asked otherwise: transformers 5 loads the checkpoint's dtype by
@@ -120,12 +136,82 @@ def load_reward_model(
     kwargs.setdefault("dtype", torch.float32)
     if num_labels != 1:
         kwargs.setdefault("ignore_mismatched_sizes", True)
-    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, **kwargs
-    )
+    with _held_load_report() as report:
+        loaded: tuple[PreTrainedModel, dict[str, Any]] = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, output_loading_info=True, **kwargs
+            )
+        )
+    model, info = loaded
+    new_head = _new_head_only(model, info)
+    if new_head is not None:
+        # A backbone without a reward head: transformers' table of MISSING weights is what
+        # is expected here, and reads as an error; one line says it instead.
+        logger.info(f"reward head {new_head} newly initialised (expected for a new reward model)")
+    else:
+        _show(report)  # anything else missing, unexpected or mismatched is a real problem
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+class _LoadReportFilter(logging.Filter):
+    """Holds back the load reports transformers logs from this thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and _LOAD_REPORT_MARK in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[list[logging.LogRecord]]:
+    """The load report of a ``from_pretrained`` call in the block, held back for the caller to
+    show (:func:`_show`) or replace; shown at once when the block raises. Only this thread's
+    report on transformers' loading loggers is held, and only during the block."""
+    loggers = [logging.getLogger(name) for name in _LOAD_REPORT_LOGGERS]
+    held = _LoadReportFilter()
+    for log in loggers:
+        log.addFilter(held)
+    try:
+        yield held.records
+    except BaseException:
+        for log in loggers:
+            log.removeFilter(held)
+        _show(held.records)
+        raise
+    finally:
+        for log in loggers:
+            log.removeFilter(held)
+
+
+def _show(records: list[logging.LogRecord]) -> None:
+    """Log held records as transformers would have: through their own logger's handlers."""
+    for record in records:
+        logging.getLogger(record.name).handle(record)
+
+
+def _new_head_only(model: PreTrainedModel, info: dict[str, Any]) -> str | None:
+    """The reward head's weights, as one name (``classifier.{weight,bias}``), when they are the
+    only ones transformers initialised (missing from the checkpoint, or replaced for another
+    number of outputs) and nothing else went wrong; else None."""
+    head = _DECODER_HEAD if architecture_of(model)[0] == "decoder" else _ENCODER_HEAD
+    fresh = set(info.get("missing_keys", ())) | {
+        str(item[0] if isinstance(item, (tuple, list)) else item)
+        for item in info.get("mismatched_keys", ())
+    }
+    if not fresh or info.get("unexpected_keys") or info.get("error_msgs"):
+        return None
+    if any(not key.startswith(f"{head}.") for key in fresh):
+        return None
+    parts = sorted((key[len(head) + 1 :] for key in fresh), key=lambda p: (p != "weight", p))
+    return f"{head}.{parts[0]}" if len(parts) == 1 else f"{head}.{{{','.join(parts)}}}"
 
 
 def reward_forward(

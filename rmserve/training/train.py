@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,7 @@ def train_reward_model(
     text_format: TextFormat | None = None,
     bootstrap_seed: int | None = None,
     summary: bool = True,
+    preset: str | None = None,
 ) -> TrainResult:
     """Train a Bradley-Terry reward model on ``data`` and save it to ``out``.
 
@@ -137,7 +139,8 @@ def train_reward_model(
     ``bootstrap_seed`` weighs the training examples by a Poisson(1) bootstrap resample drawn
     from it (how each member of an independent ensemble is trained). ``summary``: print the
     run's JSON summary line on stdout (an independent ensemble prints one for itself, none per
-    member).
+    member). ``preset``: the name of the preset whose recipe ``config`` and ``base`` are,
+    recorded in rmserve_training.json (export's default model name).
     """
     import torch
 
@@ -153,7 +156,7 @@ def train_reward_model(
             skip_malformed=skip_malformed,
             limit=limit,
             text_format=text_format,
-            train_member=train_reward_model,
+            train_member=partial(train_reward_model, preset=preset),
         )
     fmt = text_format or TextFormat()
     _seed_everything(config)
@@ -190,7 +193,7 @@ def train_reward_model(
     )
     trainer.save_model(str(result.out))
     if trainer.is_world_process_zero():
-        _save_training_info(result, built, fmt, base, data, eval_data)
+        _save_training_info(result, built, fmt, base, data, eval_data, preset)
         if summary:
             print_summary(result)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -321,6 +324,7 @@ def _save_training_info(
     base: str,
     data: str,
     eval_data: str | None,
+    preset: str | None,
 ) -> None:
     """The tokenizer and rmserve_training.json beside the saved model (rank 0 only)."""
     built.tokenizer.save_pretrained(str(result.out))
@@ -333,4 +337,5 @@ def _save_training_info(
         train_data=str(data),
         eval_data=_absolute(eval_data),
         ensemble=result.ensemble,
+        preset=preset,
     ).write(result.out)

@@ -238,3 +238,30 @@ def test_every_setting_is_a_flag_with_help() -> None:
         "int8",
     )
     assert args.port is None  # not given: the environment or the default decides
+
+
+def test_a_port_in_use_exits_3_naming_the_port_and_the_fix(tiny_encoder_bundle: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        result = subprocess.run(
+            [*SERVE, str(tiny_encoder_bundle), "--port", str(port)],
+            cwd=REPO,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 3, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    errors = [line["message"] for line in lines if line["level"] == "error"]
+    assert len(errors) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in errors[0]
+    assert "address already in use" in errors[0]
+    assert "--port" in errors[0]
+    assert "RMSERVE_PORT" in errors[0]
+    assert "stop the other server" in errors[0]
+    # Refused before the app started: no uvicorn start-up, no model load.
+    assert "Started server process" not in result.stderr
+    assert "ready" not in [line["message"] for line in lines]
