@@ -8,7 +8,9 @@ never turns 200. On shutdown it turns readiness to 503, finishes queued and in-f
 to ``drain_timeout_s``) and stops the batcher.
 
 Scoring routes (and ``/v1/models``) need the API key when keys are configured; health and
-metrics routes too unless ``open_health`` / ``open_metrics``.
+metrics routes too unless ``open_health`` / ``open_metrics``. The API docs (``/docs``,
+``/redoc``, ``/openapi.json`` and the pages' assets, served from the app so that they work
+offline: rmserve/service/api_docs.py) are open.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.routing import APIRoute
 
 from rmserve import __version__
 from rmserve.manifest import Manifest
+from rmserve.service.api_docs import add_api_docs
 from rmserve.service.auth import make_key_dependency
 from rmserve.service.batcher import Batcher
 from rmserve.service.errors import install_error_handlers
@@ -75,11 +78,14 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan(state, manifest),
-        docs_url="/docs",
         openapi_url="/openapi.json",
+        # FastAPI's pages load their scripts from a CDN; add_api_docs serves them itself.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.rmserve = state
     install_error_handlers(app)
+    add_api_docs(app)
     known_paths = _include_routers(app, settings)
     _add_middleware(app, settings, metrics, known_paths)
     return app

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from rmserve import __version__
 from tests.reliability.conftest import (
@@ -33,7 +34,8 @@ OTHER_KEY = "second-key-abcdefghijklmnopqrstuv"
 WRONG_KEY = "wrong-key-ZYXWVUTSRQPONMLKJIHGFED"
 HEALTH = {"/healthz", "/readyz"}
 METRICS = {"/metrics"}
-DOCS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+DOCS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/redoc/logo-mini.svg"}
+DOCS_ASSETS = "/static/docs/"  # the pages' scripts, styles and favicon, open like the pages
 BODIES: dict[str, Any] = {
     "/v1/score": {"items": [{"prompt": "Hi", "response": "Hello."}]},
     "/v1/rank": {"prompt": "Hi", "responses": ["Hello.", "Bye."]},
@@ -64,6 +66,13 @@ def _walk(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, str]]:
         elif isinstance(route, Route) and route.methods:
             for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
                 yield method, prefix + route.path
+        elif isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+            # Static files have no routes to walk: every file the mount serves.
+            assert route.app.directory is not None
+            directory = Path(route.app.directory)
+            for file in sorted(directory.rglob("*")):
+                if file.is_file():
+                    yield "GET", f"{prefix}{route.path}/{file.relative_to(directory).as_posix()}"
         elif isinstance(route, Mount):
             yield from _walk(list(route.routes), prefix + route.path)
         else:
@@ -97,7 +106,7 @@ def test_every_route_but_probes_and_docs_needs_a_key(keyed_server: Any) -> None:
     for method, path in routes:
         without = _call(server, method, path, {})
         wrong = _call(server, method, path, {"authorization": f"Bearer {WRONG_KEY}"})
-        if path in open_paths:
+        if path in open_paths or path.startswith(DOCS_ASSETS):
             assert without.status_code == 200, (method, path, without.status_code)
             continue
         checked += 1
