@@ -1,7 +1,7 @@
 """Prometheus metrics of the service, in a registry of their own per app.
 
 A registry per app (not the process-global one) lets several apps live in one process, as
-the tests do. Names (docs/architecture.md: The wire API; the README's metrics table):
+the tests do. Names (docs/architecture.md: The wire API; docs/service.md: Metrics):
 
     rmserve_requests_total{route,status}        counter
     rmserve_request_duration_seconds{route}     histogram

@@ -235,8 +235,8 @@ class Preset:
 # picking the setting with the best worst seed, not the best lucky one: one epoch of the last
 # 128 tokens; the embeddings and the 3 lowest of 6 blocks frozen (faster steps on CPU, less
 # overfitting of 1.8k pairs); a high learning rate for the head and the top blocks; a little
-# reward centering. These values are frozen with the README's measured run: change them only
-# with a new measurement.
+# reward centering. These values are frozen with the measured run (the README, docs/training.md:
+# The default recipe): change them only with a new measurement.
 MINILM_HH = Preset(
     name="minilm-hh",
     base="minilm",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,19 +86,54 @@ def test_unsafe_or_invalid_settings_are_refused(overrides: dict[str, object], ne
     assert needle in str(info.value)
 
 
+SERVICE_DOC = Path(__file__).resolve().parents[2] / "docs" / "service.md"
+
+
+def doc_section(markdown: str, title: str) -> str:
+    """The text of the ``## title`` section of ``markdown``, up to the next ``## `` heading."""
+    lines = markdown.splitlines()
+    start = lines.index(f"## {title}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def table_rows(section: str) -> dict[str, str]:
+    """The rows of the tables of ``section`` by their first cell's code name (the text in
+    backticks up to a ``{`` of labels): ``| `RMSERVE_PORT` | ...`` is ``RMSERVE_PORT``."""
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `([^`{]+)", line)
+        if match:
+            assert match.group(1) not in rows, f"{match.group(1)} has two rows"
+            rows[match.group(1)] = line
+    return rows
+
+
+def test_doc_section_and_rows_are_read_from_their_section_only() -> None:
+    doc = "## Settings\n| `RMSERVE_A` | x |\n\n## Metrics\n| `m_total{a}` | counter |\n"
+    assert table_rows(doc_section(doc, "Settings")) == {"RMSERVE_A": "| `RMSERVE_A` | x |"}
+    assert list(table_rows(doc_section(doc, "Metrics"))) == ["m_total"]
+
+
 def test_docs_table_lists_every_setting_and_metric() -> None:
-    # The README carries the settings table and the metrics list (docs/architecture.md:
-    # Configuration).
-    docs = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name, field in ServiceSettings.model_fields.items():
-        row = next(
-            (line for line in docs.splitlines() if line.startswith(f"| `RMSERVE_{name.upper()}`")),
-            None,
-        )
-        assert row is not None, f"RMSERVE_{name.upper()} missing from the README settings table"
-        assert str(field.description) in row
+    """docs/service.md's Settings table has one row per setting, with the field's description
+    word for word, and its Metrics table one row per metric (docs/architecture.md:
+    Configuration); no row names something that does not exist."""
+    doc = SERVICE_DOC.read_text(encoding="utf-8")
+    settings = table_rows(doc_section(doc, "Settings"))
+    expected = {
+        f"RMSERVE_{name.upper()}": field for name, field in ServiceSettings.model_fields.items()
+    }
+    assert sorted(settings) == sorted(expected), (
+        "docs/service.md's settings table is not the settings"
+    )
+    for variable, field in expected.items():
+        assert f"| {field.description} |" in settings[variable], variable
     from rmserve.service.metrics import ServiceMetrics
 
-    for metric in ServiceMetrics().registry.collect():
-        shown = metric.name + ("_total" if metric.type == "counter" else "")
-        assert f"`{shown}" in docs, shown
+    metrics = table_rows(doc_section(doc, "Metrics"))
+    shown = {
+        metric.name + ("_total" if metric.type == "counter" else "")
+        for metric in ServiceMetrics().registry.collect()
+    }
+    assert sorted(metrics) == sorted(shown), "docs/service.md's metrics table is not the metrics"

@@ -18,6 +18,7 @@ from rmserve.training.config import (
 from rmserve.training.modeling import load_reward_model, load_tokenizer
 from rmserve.training.train import resolve_max_length
 
+REPO = Path(__file__).resolve().parents[2]
 ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
@@ -44,7 +45,8 @@ def test_generic_defaults_freeze_nothing_and_fit_the_model() -> None:
 
 
 def test_minilm_preset_keeps_the_measured_recipe() -> None:
-    """The numbers of the README's measured run: change them only with a new measurement."""
+    """The recipe of the measured run (the README's Train your own, docs/training.md: The
+    default recipe): change it only with a new measurement."""
     preset = PRESETS[DEFAULT_PRESET]
     assert (preset.name, preset.base) == ("minilm-hh", "minilm")
     config = preset.config()
@@ -60,6 +62,31 @@ def test_minilm_preset_keeps_the_measured_recipe() -> None:
     # Values given explicitly win; the rest stay the preset's.
     override = preset.config(learning_rate=1e-3, freeze_layers=0)
     assert (override.learning_rate, override.freeze_layers, override.max_length) == (1e-3, 0, 128)
+
+
+def test_the_docs_state_the_preset_recipe() -> None:
+    """The README (Train your own) and docs/training.md (the preset's bullet) give the
+    preset's values: a change of the recipe must change what they say."""
+    config = PRESETS[DEFAULT_PRESET].config()
+    lr = f"{config.learning_rate:.0e}".replace("e-0", "e-")
+    common = [
+        f"max length {config.max_length}",
+        f"lr {lr}",
+        f"batch {config.per_device_train_batch_size}",
+        f"reward centering {config.center_rewards_coefficient}",
+        f"{config.freeze_layers} lowest",
+    ]
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    training = " ".join((REPO / "docs" / "training.md").read_text(encoding="utf-8").split())
+    for phrase in common:
+        assert phrase in readme, f"README.md does not say {phrase!r}"
+    for phrase in [
+        *common,
+        f"warm-up {config.warmup_steps} of the steps",
+        f"weight decay {config.weight_decay}",
+        f"evaluation every {config.eval_steps} steps",
+    ]:
+        assert phrase in training, f"docs/training.md does not say {phrase!r}"
 
 
 def test_preset_values_are_fields() -> None:
