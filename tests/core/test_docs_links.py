@@ -134,3 +134,10 @@ def test_the_documents_are_there() -> None:
     names = {path.relative_to(REPO_ROOT).as_posix() for path in _doc_files()}
     expected = {"README.md", "CONTRIBUTING.md", "CHANGELOG.md", "docs/architecture.md"}
     assert expected <= names
+
+
+def test_the_readme_is_a_front_door() -> None:
+    # The README says what rmserve is, how to run it and where to go next; the reference
+    # (routes, settings, metrics, performance) lives in docs/ (STYLE.md: nanoGPT's is ~14 kB).
+    size = (REPO_ROOT / "README.md").stat().st_size
+    assert size <= 12 * 1024, f"README.md is {size} bytes; move reference text into docs/"
