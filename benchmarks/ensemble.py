@@ -172,7 +172,7 @@ def evaluate(
 ) -> None:
     """Export each trained checkpoint (fp32) and score dev through onnxruntime."""
     from rmserve.training.data import read_examples
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
     from rmserve.training.pairs import pair_metrics, score_pairs
     from rmserve.training.scoring import onnx_scorer
     from rmserve.training.uncertainty import ensemble_metrics, score_members
@@ -185,7 +185,7 @@ def evaluate(
         bundle = WORK / f"{name}-bundle"
         print(f"ensemble bench: exporting and evaluating {name}", flush=True)
         started = time.perf_counter()
-        export_bundle(WORK / name, bundle, eval_pairs=dev, eval_data=str(DEV))
+        export_bundle(WORK / name, bundle, ExportOptions(eval_data=str(DEV)), eval_pairs=dev)
         export_s = time.perf_counter() - started
         manifest, encoded = _dev_encoded(bundle)
         scorer = onnx_scorer(str(bundle / "model.onnx"))
@@ -273,13 +273,15 @@ def cross_seed(seeds: tuple[int, ...]) -> None:
 def independent_cost(members: int, seed: int, rounds: int, batch_sizes: tuple[int, ...]) -> None:
     """The independent ensemble's serving cost against its first member exported alone."""
     from rmserve.training.data import read_examples
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
 
     name = f"independent{members}-seed{seed}"
     member = WORK / f"{name}-member0-bundle"
     if not (member / "rmserve.json").is_file():
         dev = read_examples(str(DEV)).examples
-        export_bundle(WORK / name / "member_0", member, eval_pairs=dev, eval_data=str(DEV))
+        export_bundle(
+            WORK / name / "member_0", member, ExportOptions(eval_data=str(DEV)), eval_pairs=dev
+        )
     bundles = {"single": member, f"independent{members}": WORK / f"{name}-bundle"}
     cost(members, seed, rounds, batch_sizes, bundles=bundles, key="independent_cost")
 

@@ -4,10 +4,10 @@ A Qwen2-shaped decoder reward model of about 40M parameters (8 layers, hidden 51
 with 2 key/value heads, MLP 1408; random weights: speed does not depend on them), with the
 MiniLM WordPiece tokenizer (nothing is downloaded), is exported twice by the project's own
 ``export_bundle``: with the default TorchScript exporter, and with ``exporter="fused"``
-(torch.export, then ONNX Runtime's fused operators; rmserve.training.fusion). Both exports
-run their usual checks against torch. Then both graphs score the same padded batches with the
-same session settings, alternating, and the medians are compared; the fused graph's scores
-are also compared with the plain graph's and checked for batch invariance.
+(torch.export, then ONNX Runtime's fused operators; rmserve.training.export.fusion). Both
+exports run their usual checks against torch. Then both graphs score the same padded batches
+with the same session settings, alternating, and the medians are compared; the fused graph's
+scores are also compared with the plain graph's and checked for batch invariance.
 
     python -m benchmarks.fusion --out benchmarks/results/cpu/fusion.json
 """

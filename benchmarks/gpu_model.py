@@ -62,7 +62,8 @@ def build(
     from rmserve.formatting import TextFormat
     from rmserve.manifest import VARIANT_FILES, Manifest, Variant, load_bundle, sha256_file
     from rmserve.training.data import read_examples
-    from rmserve.training.export import _convert_fp16, export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
+    from rmserve.training.export.variants import convert_fp16
     from rmserve.training.metadata import TrainingInfo
 
     torch.manual_seed(0)
@@ -87,12 +88,10 @@ def build(
     examples = read_examples(data_dir / "dev.jsonl.gz", skip_malformed=True).examples
     bundle = out / "bundle"
     started = time.perf_counter()
-    export_bundle(
-        checkpoint, bundle, eval_pairs=examples[:eval_pairs], eval_data="hh-harmless dev",
-        model_name="qwen2-0.5b-size-random",
-    )  # fmt: skip
+    options = ExportOptions(eval_data="hh-harmless dev", model_name="qwen2-0.5b-size-random")
+    export_bundle(checkpoint, bundle, options, eval_pairs=examples[:eval_pairs])
     print(f"exported fp32 in {time.perf_counter() - started:.0f} s", flush=True)
-    _convert_fp16(bundle / VARIANT_FILES["fp32"], bundle / VARIANT_FILES["fp16"])
+    convert_fp16(bundle / VARIANT_FILES["fp32"], bundle / VARIANT_FILES["fp16"])
     manifest = load_bundle(bundle)
     data = manifest.to_dict()
     fp16 = Variant(VARIANT_FILES["fp16"], sha256_file(bundle / VARIANT_FILES["fp16"]), "fp16")

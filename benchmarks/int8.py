@@ -25,8 +25,9 @@ variant of export before issue 16); ``static_qdq`` (``quantize_static``, QDQ, pe
 weights, MatMuls with constant weights only, MinMax calibration on 128 training texts;
 softmax, LayerNorm and attention in fp32); ``nbits8_b{16,32,128}`` (weight-only 8-bit
 ``MatMulNBits`` with ``accuracy_level`` 4: activations quantized per block of each row);
-``per_token`` (rmserve.training.quantize with no outlier channels) and ``per_token_outliers``
-(rmserve.training.quantize with its 16 outlier channels, chosen on 128 training texts).
+``per_token`` (rmserve.training.export.quantize with no outlier channels) and
+``per_token_outliers`` (rmserve.training.export.quantize with its 16 outlier channels, chosen
+on 128 training texts).
 ``per_token_outliers_calibration`` repeats that scheme's decision check over six samples of
 training texts and over export's own choice, the first 128 eval responses (calibration only
 decides which channels stay in fp32).
@@ -60,7 +61,7 @@ from rmserve.encoding import PairEncoder
 from rmserve.manifest import TOKENIZER_NAME, Manifest, Variant, load_bundle
 from rmserve.training.data import read_examples
 from rmserve.training.evaluate import EncodedExamples, encode_examples
-from rmserve.training.quantize import quantize_int8
+from rmserve.training.export.quantize import quantize_int8
 from rmserve.training.scoring import pad_batch, score_ids
 
 __all__ = ["main"]
@@ -417,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration.append(
             {"calibration": label} | _decisions(export_scores(path, data), reference, data.dev)
         )
-    # What export passes (rmserve/training/export.py, CALIBRATION_TEXTS): the first 128 eval
-    # responses, encoded as the bundle encodes them.
+    # What export passes (rmserve/training/export/variants.py, CALIBRATION_TEXTS): the first
+    # 128 eval responses, encoded as the bundle encodes them.
     per_token(data, 16, data.dev.ids[:EXPORT_CALIBRATION])(src, work / "calibrated.onnx")
     calibration.append(
         {"calibration": f"first {EXPORT_CALIBRATION} dev responses (as export)"}

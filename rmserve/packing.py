@@ -12,8 +12,8 @@ can hold the P shared tokens once, followed by each item's own tokens, provided 
 and the reward of each item is read at its own last token. The result is the whole-item
 score up to the order of floating-point sums (1e-6 in fp32, measured in the tests).
 
-The packed graph (exported beside the plain one, :mod:`rmserve.training.packed`) takes four
-inputs, all (R, T) int64 but the last:
+The packed graph (exported beside the plain one, :mod:`rmserve.training.export.packed`) takes
+four inputs, all (R, T) int64 but the last:
 
 - ``input_ids``: the row's tokens, right-padded with the pad id;
 - ``position_ids``: each token's position in its own item;

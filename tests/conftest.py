@@ -45,7 +45,7 @@ MINILM_MAX_LENGTH = 256
 # int8 noise flips (measured: 44-97% agreement), so the fixtures relax the int8 decision check
 # that a trained model must pass (>= 99% agreement). fp32 parity stays strict (1e-4).
 class Int8Check(TypedDict):
-    """export_bundle's int8 decision-check thresholds."""
+    """ExportOptions's int8 decision-check thresholds."""
 
     min_agreement: float
     max_accuracy_drop: float
@@ -193,17 +193,19 @@ def tiny_encoder_bundle(
     """The tiny encoder exported to a bundle: model.onnx + model.int8.onnx, tokenizer.json,
     rmserve.json (max_length 128, evaluation and normalization measured on 100 HH dev pairs;
     int8 decision check relaxed because the weights are random, see RANDOM_WEIGHTS_INT8)."""
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("tiny-encoder-bundle")
     export_bundle(
         tiny_encoder_checkpoint,
         out,
-        int8=True,
+        ExportOptions(
+            int8=True,
+            eval_data=f"hh-harmless/dev.jsonl.gz (first {FIXTURE_EVAL_PAIRS} pairs)",
+            model_name="tiny-encoder",
+            **RANDOM_WEIGHTS_INT8,
+        ),
         eval_pairs=hh_dev_examples[:FIXTURE_EVAL_PAIRS],
-        eval_data=f"hh-harmless/dev.jsonl.gz (first {FIXTURE_EVAL_PAIRS} pairs)",
-        model_name="tiny-encoder",
-        **RANDOM_WEIGHTS_INT8,
     )
     return out
 
@@ -217,17 +219,19 @@ def tiny_decoder_bundle(
     """The tiny decoder exported to a bundle: model.onnx + model.int8.onnx, tokenizer.json,
     rmserve.json (decoder, pooling "last", max_length 128, pad = eos; int8 check relaxed as
     for the encoder)."""
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("tiny-decoder-bundle")
     export_bundle(
         tiny_decoder_checkpoint,
         out,
-        int8=True,
+        ExportOptions(
+            int8=True,
+            eval_data=f"hh-harmless/dev.jsonl.gz (first {FIXTURE_EVAL_PAIRS} pairs)",
+            model_name="tiny-decoder",
+            **RANDOM_WEIGHTS_INT8,
+        ),
         eval_pairs=hh_dev_examples[:FIXTURE_EVAL_PAIRS],
-        eval_data=f"hh-harmless/dev.jsonl.gz (first {FIXTURE_EVAL_PAIRS} pairs)",
-        model_name="tiny-decoder",
-        **RANDOM_WEIGHTS_INT8,
     )
     return out
 
@@ -243,7 +247,7 @@ def minilm_bundle(
     the first 64 dev pairs to keep the fixture quick (relaxed: the head is untrained)."""
     import torch
 
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
     from rmserve.training.modeling import load_reward_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -259,10 +263,12 @@ def minilm_bundle(
     export_bundle(
         checkpoint,
         out,
-        int8=True,
+        ExportOptions(
+            int8=True,
+            eval_data="hh-harmless/dev.jsonl.gz (first 64 pairs)",
+            model_name="minilm-untrained",
+            **RANDOM_WEIGHTS_INT8,
+        ),
         eval_pairs=hh_dev_examples[:64],
-        eval_data="hh-harmless/dev.jsonl.gz (first 64 pairs)",
-        model_name="minilm-untrained",
-        **RANDOM_WEIGHTS_INT8,
     )
     return out

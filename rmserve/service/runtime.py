@@ -4,7 +4,7 @@ Choice of execution provider and precision (logged and exposed in ``rmserve_mode
 
 - provider ``auto``: CUDA when onnxruntime offers ``CUDAExecutionProvider``, else CPU;
 - precision ``auto``: the bundle's fp16 variant on CUDA when it has one, else fp32;
-  ``int8`` (per-token quantization, :mod:`rmserve.training.quantize`) runs on CPU only,
+  ``int8`` (per-token quantization, :mod:`rmserve.training.export.quantize`) runs on CPU only,
   ``fp16`` on CUDA only, because the other provider would fall back to slow or unsupported
   kernels.
 

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rmserve.training.config import RewardConfig
+    from rmserve.training.export.options import ExportOptions
 
 __all__ = [
     "NO_PRESET",
     "TrainRecipe",
     "build_train_parser",
     "default_data_path",
+    "export_options",
     "register",
     "resolve_recipe",
 ]
@@ -159,117 +161,50 @@ def _register_export(subparsers: Subparsers) -> None:
     export.add_argument(
         "checkpoint", metavar="MODEL", help="checkpoint folder or hub id of the reward model"
     )
-    _export_output_arguments(export)
-    _export_graph_arguments(export)
-    _export_model_arguments(export)
-    _export_check_arguments(export)
+    _add_export_flags(export)
     export.set_defaults(func=run_export)
 
 
-def _export_output_arguments(export: argparse.ArgumentParser) -> None:
-    """What the bundle holds and where it goes."""
-    group = export.add_argument_group("the bundle")
-    group.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
-    group.add_argument(
-        "--model-name",
-        help="model name in the manifest, served as the responses' model (default: the "
-        "model's own: its hub id; for a checkpoint rmserve trained with a preset, the preset, "
-        "e.g. minilm-hh; else the MODEL folder's name)",
-    )
-    group.add_argument("--int8", action="store_true", help="add model.int8.onnx (CPU serving)")
-    group.add_argument("--fp16", action="store_true", help="add model.fp16.onnx (GPU serving)")
-    group.add_argument(
-        "--dtype",
-        choices=["fp32", "fp16"],
-        default="fp32",
-        help="precision of the exported graph: fp32 (CPU and GPU), or fp16, loaded in half "
-        "precision without a full fp32 copy (half the memory; a bundle for CUDA, checked "
-        "against torch in fp16 to 2e-2)",
-    )
-    group.add_argument(
-        "--no-packed",
-        dest="packed",
-        action="store_false",
-        help="decoders: leave out model.packed.onnx, the graph that scores responses sharing "
-        "a prompt with the prompt computed once (the service then scores every item whole)",
-    )
-    group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+def _add_export_flags(export: argparse.ArgumentParser) -> None:
+    """The flags of ExportOptions's fields, section by section (``group`` in a field's
+    metadata), and the command's own: --out and --quiet, in the bundle's section."""
+    from rmserve.training.export.options import GROUPS, ExportOptions
+
+    hints = typing.get_type_hints(ExportOptions)
+    fields = [f for f in dataclasses.fields(ExportOptions) if "group" in f.metadata]
+    for name in GROUPS:
+        group = export.add_argument_group(name)
+        if name == "the bundle":
+            group.add_argument(
+                "--out", required=True, metavar="BUNDLE", help="bundle folder to write"
+            )
+        for field in (f for f in fields if f.metadata["group"] == name):
+            metavar = field.metadata.get("metavar")
+            group.add_argument(
+                field.metadata.get("flag", "--" + field.name.replace("_", "-")),
+                dest=field.name,
+                default=field.default,
+                help=field.metadata["help"],
+                **_option_flag_kwargs(hints[field.name], field.default),
+                **({"metavar": metavar} if metavar else {}),
+            )
+        if name == "the bundle":
+            group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def _export_graph_arguments(export: argparse.ArgumentParser) -> None:
-    """How the model becomes an ONNX graph."""
-    group = export.add_argument_group("the graph")
-    group.add_argument(
-        "--exporter",
-        choices=["torchscript", "dynamo", "fused"],
-        default="torchscript",
-        help="torch.onnx exporter: TorchScript (fast, default), torch.export (dynamo), or "
-        "dynamo with ONNX Runtime's fused attention and RMS-norm operators (fused: "
-        "faster decoders)",
-    )
-    group.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    group.add_argument(
-        "--max-length", type=int, help="serving max length (default: the training value)"
-    )
-
-
-def _export_model_arguments(export: argparse.ArgumentParser) -> None:
-    """How conversations become tokens, and which output is the reward."""
-    group = export.add_argument_group("the model's text path and heads")
-    group.add_argument(
-        "--text-format",
-        choices=["auto", "chat_template", "text_pair", "transcript"],
-        default="auto",
-        help="how conversations become text: auto = what rmserve training used, else the "
-        "tokenizer's chat template, else tokenizer(question, answer) for an encoder that "
-        "encodes pairs, else the HH transcript",
-    )
-    group.add_argument(
-        "--head-name",
-        metavar="PREFIX",
-        help="checkpoint weights holding the reward head, mapped onto the model's head "
-        "(value_head and TRL's v_head.summary are recognised without it)",
-    )
-    group.add_argument(
-        "--reward-head",
-        default="0",
-        help="for a model with several outputs, the one /v1/score returns as scores: an "
-        "index or a label of config.id2label",
-    )
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own Python code from the hub (its "
-        "AutoModelForSequenceClassification class); only for models you trust",
-    )
-
-
-def _export_check_arguments(export: argparse.ArgumentParser) -> None:
-    """The eval pairs of the int8/fp16 checks and their bounds."""
-    group = export.add_argument_group("checks")
-    group.add_argument(
-        "--eval-data",
-        help="pairs for the evaluation section and the int8/fp16 checks "
-        "(default: the eval set recorded at training)",
-    )
-    group.add_argument(
-        "--skip-malformed", action="store_true", help="skip malformed eval rows and count them"
-    )
-    group.add_argument(
-        "--min-agreement",
-        type=float,
-        default=0.99,
-        help="int8/fp16 checks: least fraction of eval pairs whose decision (which response "
-        "wins) must equal fp32's; lower it only knowingly: the measured value is recorded in "
-        "rmserve.json either way",
-    )
-    group.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=0.01,
-        help="int8/fp16 checks: most eval accuracy (a fraction: 0.01 = 1 point) a variant may "
-        "lose against fp32",
-    )
+def _option_flag_kwargs(annotation: Any, default: Any) -> dict[str, Any]:
+    """argparse options for an ExportOptions field of this type; ``X | None`` reads as X. A
+    switch turns on what is off by default (``--int8``), or off what is on (``--no-packed``)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    kinds = {a for a in typing.get_args(annotation) if a is not type(None)} or {annotation}
+    if bool in kinds:
+        return {"action": "store_false" if default else "store_true"}
+    if kinds == {int}:
+        return {"type": int}
+    if kinds == {float}:
+        return {"type": float}
+    return {}  # text (an int | str option too: its consumer reads the text)
 
 
 class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
@@ -538,6 +473,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    """The ExportOptions of parsed `rmserve export` flags: each field from its flag."""
+    from rmserve.training.export.options import ExportOptions
+
+    names = [f.name for f in dataclasses.fields(ExportOptions) if f.name in args]
+    return ExportOptions(**{name: getattr(args, name) for name in names})
+
+
 def run_export(args: argparse.Namespace) -> int:
     import resource
 
@@ -548,33 +491,16 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"rmserve export: {message}", file=sys.stderr, flush=True)
 
+    options = export_options(args)
     try:
         eval_pairs = None
-        if args.eval_data:
-            read = read_examples(args.eval_data, skip_malformed=args.skip_malformed)
+        if options.eval_data:
+            read = read_examples(options.eval_data, skip_malformed=options.skip_malformed)
             if read.skipped:
                 progress(f"skipped {read.skipped} malformed eval rows")
             eval_pairs = read.examples
         manifest = export_bundle(
-            args.checkpoint,
-            args.out,
-            int8=args.int8,
-            fp16=args.fp16,
-            dtype=args.dtype,
-            eval_pairs=eval_pairs,
-            eval_data=args.eval_data,
-            max_length=args.max_length,
-            model_name=args.model_name,
-            text_format_choice=args.text_format,
-            head_name=args.head_name,
-            reward_head=args.reward_head,
-            trust_remote_code=args.trust_remote_code,
-            exporter=args.exporter,
-            opset=args.opset,
-            packed=args.packed,
-            min_agreement=args.min_agreement,
-            max_accuracy_drop=args.max_accuracy_drop,
-            progress=progress,
+            args.checkpoint, args.out, options, eval_pairs=eval_pairs, progress=progress
         )
     except (ExportError, DataError, ValueError, OSError) as e:
         print(f"rmserve export: error: {e}", file=sys.stderr)

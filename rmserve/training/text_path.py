@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from rmserve.formatting import (
     TextPairFormat,
     render,
 )
+from rmserve.training.export.options import TextFormatChoice
 from rmserve.training.scoring import BatchScorer, score_ids
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ __all__ = [
     "certify_text_path",
     "choose_text_format",
 ]
-
-TextFormatChoice = Literal["auto", "chat_template", "text_pair", "transcript"]
 
 # Conversations every certificate checks, beside those drawn from the eval pairs: one turn,
 # a system prompt, several turns, unicode, whitespace at the edges, template-like text.

@@ -445,13 +445,13 @@ async def test_verl_decoded_response_scores_as_the_model_card(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
     from tests import model_zoo
     from tests.client.client_servers import start_service
 
     root = tmp_path_factory.mktemp("verl-llama3")
     checkpoint = model_zoo.build_decoder(root / "checkpoint", "llama3")
-    export_bundle(checkpoint, root / "bundle", max_length=512)
+    export_bundle(checkpoint, root / "bundle", ExportOptions(max_length=512))
     tokenizer: Any = AutoTokenizer.from_pretrained(checkpoint)
     model: Any = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
 

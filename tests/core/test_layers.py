@@ -9,7 +9,10 @@ stands (a lazy import inside a function counts too):
 - the core's module-level imports are the standard library, but for the two modules that
   need numpy (``packing.py`` and ``activations.py``, used by training and the service only);
 - no module imports, even lazily or for type checking only, a module that imports it back
-  (no import cycle: each module can be read, and changed, before the ones that use it).
+  (no import cycle: each module can be read, and changed, before the ones that use it);
+- the export package is layered (:data:`EXPORT_LAYERS`): a module imports none of a higher
+  layer, the modules beside the layers none of them, and ``options.py`` only the standard
+  library and the core (``rmserve --help`` builds the export flags from it).
 """
 
 from __future__ import annotations
@@ -131,11 +134,60 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle() -> None:
     graph = _import_graph()
-    assert "rmserve.training.export" in graph
+    assert "rmserve.training.export.bundle" in graph
     assert _cycles(graph) == []
     # The check finds one: a module and its importer importing each other back.
-    graph["rmserve.training.packed"].add("rmserve.training.export")
-    assert ["rmserve.training.export", "rmserve.training.packed"] in _cycles(graph)
+    graph["rmserve.training.export.onnx_files"].add("rmserve.training.export.fusion")
+    cycle = ["rmserve.training.export.fusion", "rmserve.training.export.onnx_files"]
+    assert cycle in _cycles(graph)
+
+
+EXPORT = "rmserve.training.export"
+# The export package's layers, bottom first: what export decides before it writes (and what
+# it can be asked), the graph, its checks, the variants derived from it, the bundle. A module
+# may import its own layer or lower ones, never a higher one.
+EXPORT_LAYERS = (("options", "plan"), ("graph",), ("checks",), ("variants",), ("bundle",))
+# Beside the layers, used by them and importing none of them (they may use each other:
+# fusion and quantize write through onnx_files).
+EXPORT_BESIDE = ("quantize", "fusion", "packed", "onnx_files", "staging")
+
+
+def _export_violations(graph: dict[str, set[str]]) -> set[str]:
+    """``module -> import`` for each import that breaks the export package's layering."""
+    level = {f"{EXPORT}.{m}": i for i, layer in enumerate(EXPORT_LAYERS) for m in layer}
+    wrong = set()
+    for name in [*level, *(f"{EXPORT}.{m}" for m in EXPORT_BESIDE)]:
+        for dep in graph[name]:
+            above = dep in level and (name not in level or level[dep] > level[name])
+            if above or dep == EXPORT:  # the package itself imports the layers
+                wrong.add(f"{name} -> {dep}")
+    return wrong
+
+
+def test_the_export_package_is_layered() -> None:
+    graph = _import_graph()
+    modules = {n.removeprefix(f"{EXPORT}.") for n in graph if n.startswith(f"{EXPORT}.")}
+    # Every module of the package has its place (a new one is placed here first).
+    assert modules == {m for layer in EXPORT_LAYERS for m in layer} | set(EXPORT_BESIDE)
+    assert _export_violations(graph) == set()
+    # options.py: the standard library and the core only, lazy imports included.
+    wrong = set()
+    for name in _imports(PACKAGE / "training" / "export" / "options.py"):
+        top = name.split(".")[0]
+        core = top == "rmserve" and not name.startswith(
+            ("rmserve.service", "rmserve.training", "rmserve.client")
+        )
+        if not core and top not in sys.stdlib_module_names:
+            wrong.add(name)
+    assert not wrong
+    # The check finds a lower layer importing a higher one, and a module beside the layers
+    # importing one.
+    graph[f"{EXPORT}.graph"].add(f"{EXPORT}.checks")
+    graph[f"{EXPORT}.packed"].add(f"{EXPORT}.plan")
+    assert _export_violations(graph) == {
+        f"{EXPORT}.graph -> {EXPORT}.checks",
+        f"{EXPORT}.packed -> {EXPORT}.plan",
+    }
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ FAMILIES = [*TEMPLATE_FAMILIES, "pair"]
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    from rmserve.training.export import export_bundle
+    from rmserve.training.export import ExportOptions, export_bundle
 
     family = request.param
     root = tmp_path_factory.mktemp(f"foreign-{family}")
@@ -100,7 +100,7 @@ def served(
         checkpoint = model_zoo.build_pair_encoder(root / "checkpoint")
     else:
         checkpoint = model_zoo.build_decoder(root / "checkpoint", family)
-    export_bundle(checkpoint, root / "bundle", max_length=512)
+    export_bundle(checkpoint, root / "bundle", ExportOptions(max_length=512))
     service = start_service(root / "bundle", api_keys=KEY, log_level="warning")
     try:
         yield Served(service.url, ModelCard(checkpoint), root / "bundle")

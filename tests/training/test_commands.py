@@ -59,6 +59,37 @@ def test_train_flags_are_generated_from_reward_config() -> None:
     assert "(default: none; minilm-hh: 128)" in str(actions["--max-length"].help)
 
 
+def test_export_flags_are_generated_from_export_options() -> None:
+    """One flag per ExportOptions field that names its --help section, with the field's
+    default: no flags give ExportOptions(), and each flag sets its field."""
+    import dataclasses
+
+    from rmserve.training.export.options import GROUPS, ExportOptions
+
+    parser = _training_parsers()["export"]
+    actions = {a.dest: a for a in parser._actions}
+    for field in dataclasses.fields(ExportOptions):
+        if "group" in field.metadata:
+            assert field.metadata["group"] in GROUPS
+            assert actions[field.name].default == field.default, field.name
+            assert actions[field.name].help == field.metadata["help"], field.name
+        else:
+            assert field.name not in actions, field.name
+    assert commands.export_options(parser.parse_args(["M", "--out", "B"])) == ExportOptions()
+    flags = "--int8 --no-packed --opset 18 --text-format transcript --reward-head correctness"
+    given = parser.parse_args(["M", "--out", "B", *flags.split(), "--min-agreement", "0.5"])
+    assert commands.export_options(given) == ExportOptions(
+        int8=True,
+        packed=False,
+        opset=18,
+        text_format_choice="transcript",
+        reward_head="correctness",
+        min_agreement=0.5,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["M", "--out", "B", "--exporter", "onnx"])
+
+
 def test_train_help_shows_flags_and_presets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["train", "--help"])

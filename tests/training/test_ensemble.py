@@ -23,7 +23,7 @@ from rmserve.training.config import RewardConfig
 from rmserve.training.data import PreferenceExample, read_examples
 from rmserve.training.ensemble import bootstrap_weights, member_seeds
 from rmserve.training.evaluate import evaluate_model
-from rmserve.training.export import ExportError, export_bundle
+from rmserve.training.export import ExportError, ExportOptions, export_bundle
 from rmserve.training.loss import bradley_terry_loss
 from rmserve.training.metadata import TrainingInfo
 from rmserve.training.pairs import encode_examples
@@ -96,10 +96,8 @@ def ensemble(
     export_bundle(
         out,
         bundle,
-        int8=True,
+        ExportOptions(int8=True, eval_data=str(dev), **RELAXED_INT8),
         eval_pairs=hh_dev_examples[:EVAL_PAIRS],
-        eval_data=str(dev),
-        **RELAXED_INT8,
     )
     return TrainedEnsemble(base, out, bundle, result, dev)
 

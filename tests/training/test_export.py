@@ -12,9 +12,9 @@ import pytest
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import messages_from_pair, render
 from rmserve.manifest import MANIFEST_NAME, load_bundle
-from rmserve.training import export as export_module
 from rmserve.training.data import PreferenceExample
-from rmserve.training.export import ExportError, export_bundle
+from rmserve.training.export import ExportError, ExportOptions, export_bundle
+from rmserve.training.export import checks as export_checks
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch, torch_scorer
 from tests.model_zoo import reward_classifier
 
@@ -124,13 +124,13 @@ def test_manifest_records_parity_and_evaluation(tiny_decoder_bundle: Path) -> No
 def test_export_refuses_failed_fp32_parity(
     tiny_encoder_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = onnx_scorer  # what export_module.onnx_scorer is
+    real = onnx_scorer  # what export_checks.onnx_scorer is
 
     def perturbed(path: str) -> BatchScorer:
         run = real(path)
         return lambda ids, mask: run(ids, mask) + 1e-3  # an injected numerical error
 
-    monkeypatch.setattr(export_module, "onnx_scorer", perturbed)
+    monkeypatch.setattr(export_checks, "onnx_scorer", perturbed)
     with pytest.raises(ExportError, match=r"fp32 parity failed: max \|torch - onnxruntime\| = "):
         export_bundle(tiny_encoder_checkpoint, tmp_path / "b")
     assert not (tmp_path / "b" / MANIFEST_NAME).exists()
@@ -143,7 +143,10 @@ def test_export_refuses_int8_that_flips_decisions(
     # (>= 99% agreement) must refuse, naming the measured numbers.
     with pytest.raises(ExportError) as info:
         export_bundle(
-            tiny_encoder_checkpoint, tmp_path / "b", int8=True, eval_pairs=hh_dev_examples[:60]
+            tiny_encoder_checkpoint,
+            tmp_path / "b",
+            ExportOptions(int8=True),
+            eval_pairs=hh_dev_examples[:60],
         )
     message = str(info.value)
     assert "int8 parity failed on 60 eval pairs" in message
@@ -154,7 +157,7 @@ def test_export_refuses_int8_that_flips_decisions(
 
 def test_int8_needs_eval_pairs(tiny_encoder_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--eval-data"):
-        export_bundle(tiny_encoder_checkpoint, tmp_path / "b", int8=True)
+        export_bundle(tiny_encoder_checkpoint, tmp_path / "b", ExportOptions(int8=True))
 
 
 def test_fp16_variant_and_reexport(
@@ -164,10 +167,9 @@ def test_fp16_variant_and_reexport(
     manifest = export_bundle(
         tiny_decoder_checkpoint,
         out,
-        fp16=True,
+        # random weights: see conftest.RANDOM_WEIGHTS_INT8
+        ExportOptions(fp16=True, min_agreement=0.0, max_accuracy_drop=1.0),
         eval_pairs=hh_dev_examples[:40],
-        min_agreement=0.0,  # random weights: see conftest.RANDOM_WEIGHTS_INT8
-        max_accuracy_drop=1.0,
     )
     assert set(manifest.variants) == {"fp32", "fp16"}
     model = onnx.load(str(out / "model.fp16.onnx"))
@@ -202,7 +204,7 @@ def test_gpt2_decoder_exports_with_parity(
     checkpoint = tmp_path / "gpt2"
     reward_classifier(config).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    manifest = export_bundle(checkpoint, tmp_path / "bundle", max_length=200)
+    manifest = export_bundle(checkpoint, tmp_path / "bundle", ExportOptions(max_length=200))
     assert manifest.architecture.model_type == "gpt2"
     assert manifest.architecture.pooling == "last"
     assert manifest.variants["fp32"].parity["max_abs_diff"] <= 1e-4

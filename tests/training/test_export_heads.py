@@ -17,7 +17,7 @@ from rmserve.cli import main
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import render
 from rmserve.manifest import MANIFEST_NAME, load_bundle
-from rmserve.training.export import ExportError, export_bundle
+from rmserve.training.export import ExportError, ExportOptions, export_bundle
 from rmserve.training.scoring import onnx_scorer, pad_batch
 from tests import model_zoo
 
@@ -63,7 +63,7 @@ def _bundle_scores(bundle: Path) -> np.ndarray:
 def test_openrlhf_value_head_is_mapped(tmp_path: Path) -> None:
     reference = model_zoo.build_decoder(tmp_path / "ref", "llama3", seed=3)
     renamed = model_zoo.build_decoder(tmp_path / "openrlhf", "llama3", seed=3, head="value_head")
-    export_bundle(renamed, tmp_path / "bundle", max_length=256)
+    export_bundle(renamed, tmp_path / "bundle", ExportOptions(max_length=256))
     expected = _reference_logits(reference)
     assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - expected)) <= 1e-4
 
@@ -73,7 +73,7 @@ def test_trl_value_head_keeps_its_bias(tmp_path: Path) -> None:
     trl = model_zoo.build_decoder(tmp_path / "trl", "chatml", seed=4, head="v_head")
     bias = float(model_zoo.expected_head(trl)["v_head.summary.bias"][0])
     assert bias != 0.0
-    export_bundle(trl, tmp_path / "bundle", max_length=256)
+    export_bundle(trl, tmp_path / "bundle", ExportOptions(max_length=256))
     expected = _reference_logits(reference) + bias
     assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - expected)) <= 1e-4
 
@@ -81,7 +81,9 @@ def test_trl_value_head_keeps_its_bias(tmp_path: Path) -> None:
 def test_a_head_name_given_by_flag(tmp_path: Path) -> None:
     reference = model_zoo.build_decoder(tmp_path / "ref", "mistral", seed=5)
     renamed = model_zoo.build_decoder(tmp_path / "m", "mistral", seed=5, head="value_head")
-    export_bundle(renamed, tmp_path / "bundle", max_length=256, head_name="value_head")
+    export_bundle(
+        renamed, tmp_path / "bundle", ExportOptions(max_length=256, head_name="value_head")
+    )
     assert (
         np.max(np.abs(_bundle_scores(tmp_path / "bundle") - _reference_logits(reference))) <= 1e-4
     )
@@ -93,7 +95,7 @@ def test_a_bare_causal_lm_is_refused_and_nothing_is_written(
     bare = model_zoo.build_decoder(tmp_path / "lm", "chatml", head="none")
     out = tmp_path / "bundle"
     with pytest.raises(ExportError) as refused:
-        export_bundle(bare, out, max_length=256)
+        export_bundle(bare, out, ExportOptions(max_length=256))
     message = str(refused.value)
     assert "score.weight" in message
     assert "newly initialised" in message
@@ -110,17 +112,19 @@ def test_a_failed_export_leaves_the_old_bundle_as_it_was(tmp_path: Path) -> None
     good = model_zoo.build_decoder(tmp_path / "good", "chatml", seed=1)
     bare = model_zoo.build_decoder(tmp_path / "lm", "chatml", head="none")
     out = tmp_path / "bundle"
-    export_bundle(good, out, max_length=128)
+    export_bundle(good, out, ExportOptions(max_length=128))
     before = (out / MANIFEST_NAME).read_text()
     with pytest.raises(ExportError):
-        export_bundle(bare, out, max_length=128)
+        export_bundle(bare, out, ExportOptions(max_length=128))
     assert (out / MANIFEST_NAME).read_text() == before
     load_bundle(out)  # every hash still checks
 
 
 def test_three_heads_with_labels(tmp_path: Path) -> None:
     path = model_zoo.build_decoder(tmp_path / "armo", "llama3", seed=6, num_labels=3)
-    manifest = export_bundle(path, tmp_path / "bundle", max_length=256, reward_head="correctness")
+    manifest = export_bundle(
+        path, tmp_path / "bundle", ExportOptions(max_length=256, reward_head="correctness")
+    )
     assert manifest.labels == ("helpfulness", "correctness", "coherence")
     assert manifest.reward_head == 1
     assert manifest.ensemble is None  # K objectives, not K members: nothing says otherwise
@@ -133,7 +137,9 @@ def test_three_heads_with_labels(tmp_path: Path) -> None:
 def test_an_unknown_reward_head_is_refused(tmp_path: Path) -> None:
     path = model_zoo.build_decoder(tmp_path / "armo", "chatml", num_labels=3)
     with pytest.raises(ExportError, match="is not one of"):
-        export_bundle(path, tmp_path / "bundle", max_length=128, reward_head="honesty")
+        export_bundle(
+            path, tmp_path / "bundle", ExportOptions(max_length=128, reward_head="honesty")
+        )
 
 
 @pytest.mark.parametrize(
@@ -145,7 +151,7 @@ def test_architectures_of_published_reward_models(
 ) -> None:
     # Skywork-Reward-V2 ships Qwen3 and Llama classifiers; Gemma 1 and 2 differ in their norms.
     path = model_zoo.build_decoder(tmp_path / "m", family, seed=7, config_class=config_class)
-    manifest = export_bundle(path, tmp_path / "bundle", max_length=256)
+    manifest = export_bundle(path, tmp_path / "bundle", ExportOptions(max_length=256))
     assert manifest.architecture.kind == "decoder"
     assert np.max(np.abs(_bundle_scores(tmp_path / "bundle") - _reference_logits(path))) <= 1e-4
 
@@ -155,14 +161,14 @@ def test_max_length_defaults_to_the_model_and_is_bounded_by_its_positions(tmp_pa
     manifest = export_bundle(path, tmp_path / "bundle")
     assert manifest.max_length == 512  # the model's positions, not a fixed cap
     with pytest.raises(ExportError, match="exceeds the 512 positions"):
-        export_bundle(path, tmp_path / "bundle2", max_length=2048)
+        export_bundle(path, tmp_path / "bundle2", ExportOptions(max_length=2048))
 
 
 def test_fp16_export_loads_half_precision_and_makes_a_cuda_bundle(tmp_path: Path) -> None:
     from rmserve.service.runtime import RuntimeConfigError, choose_precision
 
     path = model_zoo.build_decoder(tmp_path / "m", "llama3", seed=8)
-    manifest = export_bundle(path, tmp_path / "bundle", max_length=256, dtype="fp16")
+    manifest = export_bundle(path, tmp_path / "bundle", ExportOptions(max_length=256, dtype="fp16"))
     assert set(manifest.variants) == {"fp16"}
     assert (tmp_path / "bundle" / "model.fp16.onnx").is_file()
     parity = manifest.variants["fp16"].parity
@@ -186,7 +192,7 @@ def test_fp16_export_loads_half_precision_and_makes_a_cuda_bundle(tmp_path: Path
     with pytest.raises(RuntimeConfigError, match="exported with --dtype fp16"):
         choose_precision("auto", "cpu", manifest)
     with pytest.raises(ExportError, match="--dtype fp16 exports the fp16 graph itself"):
-        export_bundle(path, tmp_path / "b2", dtype="fp16", int8=True)
+        export_bundle(path, tmp_path / "b2", ExportOptions(dtype="fp16", int8=True))
 
 
 def test_an_encoder_without_its_classifier_or_pooler_is_refused(
@@ -194,7 +200,7 @@ def test_an_encoder_without_its_classifier_or_pooler_is_refused(
 ) -> None:
     # all-MiniLM-L6-v2 is an embedding model: it has no classifier, which would be random.
     with pytest.raises(ExportError) as refused:
-        export_bundle(minilm_path, tmp_path / "bundle", max_length=128)
+        export_bundle(minilm_path, tmp_path / "bundle", ExportOptions(max_length=128))
     assert "classifier.weight (missing from the checkpoint: newly initialised)" in str(
         refused.value
     )
@@ -208,4 +214,4 @@ def test_an_encoder_without_its_classifier_or_pooler_is_refused(
     assert len(kept) < len(weights)
     save_file(kept, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ExportError, match=r"bert\.pooler\.dense\.weight \(missing"):
-        export_bundle(path, tmp_path / "bundle", max_length=128)
+        export_bundle(path, tmp_path / "bundle", ExportOptions(max_length=128))

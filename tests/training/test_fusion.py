@@ -17,7 +17,7 @@ import pytest
 from rmserve.encoding import PairEncoder
 from rmserve.formatting import messages_from_pair, render
 from rmserve.manifest import load_bundle
-from rmserve.training.export import export_bundle
+from rmserve.training.export import ExportOptions, export_bundle
 from rmserve.training.scoring import onnx_scorer, pad_batch
 from tests import model_zoo
 
@@ -54,9 +54,12 @@ def test_a_fused_decoder_scores_like_transformers_and_the_plain_graph(
     checkpoint = model_zoo.build_decoder(tmp_path / "model", family, config_class=config_class)
     lines: list[str] = []
     fused = export_bundle(
-        checkpoint, tmp_path / "fused", max_length=256, exporter="fused", progress=lines.append
+        checkpoint,
+        tmp_path / "fused",
+        ExportOptions(max_length=256, exporter="fused"),
+        progress=lines.append,
     )
-    plain = export_bundle(checkpoint, tmp_path / "plain", max_length=256)
+    plain = export_bundle(checkpoint, tmp_path / "plain", ExportOptions(max_length=256))
     ops = _ops(tmp_path / "fused" / "model.onnx")
     assert ops >= FUSED_OPS, ops
     assert not FUSED_OPS & _ops(tmp_path / "plain" / "model.onnx")

@@ -21,8 +21,8 @@ from rmserve.encoding import PairEncoder
 from rmserve.manifest import PACKED_FILES, load_bundle
 from rmserve.packing import pack
 from rmserve.training.data import PreferenceExample
-from rmserve.training.export import export_bundle
-from rmserve.training.packed import _segment_mask, unpackable
+from rmserve.training.export import ExportOptions, export_bundle
+from rmserve.training.export.packed import _segment_mask, unpackable
 from rmserve.training.pairs import encode_examples
 from rmserve.training.scoring import pad_batch
 from tests.model_zoo import reward_classifier
@@ -163,7 +163,9 @@ def test_the_exported_packed_graph_scores_dev_groups_as_whole_items(
 def test_no_packed_graph_when_asked_or_for_an_encoder(
     tiny_decoder_checkpoint: Path, tiny_encoder_bundle: Path, tmp_path: Path
 ) -> None:
-    manifest = export_bundle(tiny_decoder_checkpoint, tmp_path / "plain", packed=False)
+    manifest = export_bundle(
+        tiny_decoder_checkpoint, tmp_path / "plain", ExportOptions(packed=False)
+    )
     assert manifest.packed is None
     assert not (tmp_path / "plain" / PACKED_FILES["fp32"]).exists()
     assert load_bundle(tiny_encoder_bundle).packed is None

@@ -16,7 +16,7 @@ from rmserve.formatting import AnyTextFormat, TextFormat
 from rmserve.manifest import TOKENIZER_NAME, load_bundle
 from rmserve.training.data import PreferenceExample
 from rmserve.training.evaluate import encode_examples
-from rmserve.training.quantize import QuantizationError, quantize_int8
+from rmserve.training.export.quantize import QuantizationError, quantize_int8
 from rmserve.training.scoring import BatchScorer, onnx_scorer, pad_batch
 from tests.model_zoo import reward_classifier
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmserve.training.onnx_files import save_model
+from rmserve.training.export.onnx_files import save_model
 from rmserve.training.scoring import pad_batch
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmserve.training.onnx_files import PROTOBUF_LIMIT
+from rmserve.training.export.onnx_files import PROTOBUF_LIMIT
 
 __all__ = ["fuse_for_ort"]
 
