@@ -59,8 +59,8 @@ TIMING_HEADERS = [
 
 DESCRIPTION = """Scores (prompt, response) pairs with a reward model exported to ONNX (one
 reward, or several heads such as a multi-objective model's), batching items of concurrent
-requests together. Compatible with OpenRLHF's remote reward model (`/get_reward`) and vLLM's
-`/classify` as verl calls it."""
+requests together. Compatible with OpenRLHF's remote reward model (`/get_reward`), vLLM's
+`/classify` as verl calls it, and slime's remote reward model (`/slime/reward`)."""
 
 
 def create_app(
