@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -101,11 +102,13 @@ __all__ = [
     "build_pair_encoder",
     "chat_ids",
     "chat_text",
+    "chatml_config",
     "conversations",
     "expected_head",
     "expected_refusal",
     "hh_texts",
     "refused_conversations",
+    "save_chatml_tokenizer",
 ]
 
 Conversation = list[dict[str, str]]
@@ -431,7 +434,7 @@ _CONFIG_CLASS: Final = {
 
 def _hf() -> Any:
     """transformers, imported on first use. Typed as Any: its classes are untyped calls for
-    mypy --strict, and only tests use this module."""
+    mypy --strict, and only tests and benchmarks use this module."""
     import transformers
 
     return transformers
@@ -498,8 +501,11 @@ def hh_texts(limit: int = 300) -> list[str]:
 # --------------------------------------------------------------------------- tokenizers
 
 
-def _byte_level_bpe(split_pattern: str, vocab_size: int, nfc: bool) -> Any:
-    """A GPT-2/Qwen/Llama-3 style tokenizer: regex split, byte-level BPE, no unknown tokens."""
+def _byte_level_bpe(
+    split_pattern: str, vocab_size: int, nfc: bool, texts: Sequence[str] | None = None
+) -> Any:
+    """A GPT-2/Qwen/Llama-3 style tokenizer: regex split, byte-level BPE, no unknown tokens;
+    trained on ``texts``, by default :func:`hh_texts`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -517,7 +523,7 @@ def _byte_level_bpe(split_pattern: str, vocab_size: int, nfc: bool) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(hh_texts(), trainer)
+    tok.train_from_iterator(hh_texts() if texts is None else texts, trainer)
     return tok
 
 
@@ -574,11 +580,23 @@ def _bos_processor(tok: Any, bos: str) -> Any:
     )
 
 
+def _chatml_backend(vocab_size: int, texts: Sequence[str] | None = None) -> Any:
+    """Qwen2.5's pipeline (Qwen2 regex, NFC, byte-level BPE) trained on ``texts`` so that,
+    with its control tokens and tool tags added, it has at most ``vocab_size`` ids."""
+    from tokenizers import AddedToken, processors
+
+    added = len(_CHATML_SPECIALS) + len(_CHATML_PLAIN_ADDED)
+    tok = _byte_level_bpe(_QWEN2_SPLIT, vocab_size=vocab_size - added, nfc=True, texts=texts)
+    tok.add_special_tokens(list(_CHATML_SPECIALS))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _CHATML_PLAIN_ADDED])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
 @lru_cache(maxsize=8)
 def _tokenizer_json(kind: str) -> str:
     """The serialized backend tokenizer of one kind, trained once per process."""
     from tokenizers import (
-        AddedToken,
         Tokenizer,
         decoders,
         models,
@@ -590,12 +608,7 @@ def _tokenizer_json(kind: str) -> str:
 
     tok: Tokenizer
     if kind == "chatml":
-        tok = _byte_level_bpe(_QWEN2_SPLIT, vocab_size=800, nfc=True)
-        tok.add_special_tokens(list(_CHATML_SPECIALS))
-        tok.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t in _CHATML_PLAIN_ADDED]
-        )
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok = _chatml_backend(800 + len(_CHATML_SPECIALS) + len(_CHATML_PLAIN_ADDED))
     elif kind == "llama3":
         tok = _byte_level_bpe(_LLAMA3_SPLIT, vocab_size=800, nfc=False)
         tok.add_special_tokens(list(_LLAMA3_SPECIALS))
@@ -644,12 +657,15 @@ def _save_tokenizer(
     chat_template: str | None,
     model_max_length: int,
     template_in_config: bool = True,
+    backend: Any = None,
 ) -> Any:
-    """Wrap the trained backend in a transformers fast tokenizer, save it, and shape
-    tokenizer_config.json as the real repositories have it. Returns the saved tokenizer."""
+    """Wrap the trained backend (``backend``, else ``kind``'s own) in a transformers fast
+    tokenizer, save it, and shape tokenizer_config.json as the real repositories have it.
+    Returns the saved tokenizer."""
     from tokenizers import Tokenizer
 
-    backend = Tokenizer.from_str(_tokenizer_json(kind))
+    if backend is None:
+        backend = Tokenizer.from_str(_tokenizer_json(kind))
     if kind == "wordpiece":
         specials: dict[str, str | None] = {
             "unk_token": "[UNK]",
@@ -949,6 +965,48 @@ def build_large_decoder(path: Path) -> Path:
     model.config.vocab_size = LARGE_VOCAB_SIZE
     model.save_pretrained(path)
     return path
+
+
+def save_chatml_tokenizer(
+    path: Path, *, vocab_size: int, texts: Sequence[str], model_max_length: int
+) -> Any:
+    """The ``chatml`` family's tokenizer (Qwen2.5's pipeline, control tokens and template)
+    trained on ``texts`` to at most ``vocab_size`` ids instead of ~800, saved in ``path``
+    (created if needed) and returned: for models whose vocabulary must have a real size."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return _save_tokenizer(
+        path,
+        "chatml",
+        chat_template=_CHATML_TEMPLATE,
+        model_max_length=model_max_length,
+        backend=_chatml_backend(vocab_size, texts),
+    )
+
+
+def chatml_config(
+    tokenizer: Any,
+    *,
+    max_position_embeddings: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    intermediate_size: int,
+) -> Any:
+    """The ``chatml`` family's ``Qwen2Config`` (one label; pad, bos and eos ids as Qwen2.5's
+    config has them; vocab_size = ``len(tokenizer)``) at the given shape."""
+    return _decoder_config(
+        "chatml",
+        tokenizer,
+        num_labels=1,
+        max_position_embeddings=max_position_embeddings,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+    )
 
 
 # --------------------------------------------------------------------------- conversations
