@@ -175,20 +175,25 @@ def row_length(lengths: Iterable[int], shared: int) -> int:
 
 
 def _rows(
-    sequences: list[IdArray], share: ShareMode, token_cost: float
+    sequences: list[IdArray], share: ShareMode, token_cost: float, max_row_length: int | None
 ) -> list[tuple[int, list[int]]]:
-    """(shared length, item indices) per row, by the rule of the module docstring."""
+    """(shared length, item indices) per row, by the rule of the module docstring; a row
+    of several items is at most ``max_row_length`` tokens."""
     if share == "never" or len(sequences) < 2:
         return [(0, [i]) for i in range(len(sequences))]
 
     def cost(tokens: int) -> float:
         return token_cost * tokens + tokens * tokens
 
-    def saves(prefix: int, members: list[int]) -> bool:
+    def joins(prefix: int, members: list[int]) -> bool:
         lengths = [int(sequences[i].shape[0]) for i in members]
-        return cost(row_length(lengths, prefix)) <= sum(cost(n) for n in lengths)
+        if max_row_length is not None and row_length(lengths, prefix) > max_row_length:
+            return False
+        return share == "always" or cost(row_length(lengths, prefix)) <= sum(
+            cost(n) for n in lengths
+        )
 
-    return prefix_groups(sequences, lambda p, m: share == "always" or saves(p, m))
+    return prefix_groups(sequences, joins)
 
 
 def pack(
@@ -198,14 +203,16 @@ def pack(
     skip_token_id: int | None,
     share: ShareMode = "auto",
     token_cost: float = 0.0,
+    max_row_length: int | None = None,
 ) -> PackedBatch:
     """Lay ``sequences`` (each (T_i,) int64) out as rows of the packed graph, padded with
     ``pad_token_id``; items that share a prefix share a row when ``share`` says so, by the
-    cost rule of the module docstring with ``token_cost``; rewards are read as
+    cost rule of the module docstring with ``token_cost``, in rows of at most
+    ``max_row_length`` tokens (a longer item alone); rewards are read as
     :func:`reward_position` says."""
     if not sequences:
         raise ValueError("pack needs at least one sequence")
-    plan = _rows(sequences, share, token_cost)
+    plan = _rows(sequences, share, token_cost, max_row_length)
     width = max(
         row_length((int(sequences[i].shape[0]) for i in items), shared) for shared, items in plan
     )

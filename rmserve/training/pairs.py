@@ -82,9 +82,11 @@ def score_pairs(
     pad_token_id: int,
     batch_size: int = 32,
     head: int = 0,
+    max_tokens: int | None = None,
 ) -> PairScores:
-    """Scores of every pair; for a model with several heads, those of ``head``."""
-    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)
+    """Scores of every pair; for a model with several heads, those of ``head``. Batches of
+    at most ``batch_size`` rows and ``max_tokens`` padded tokens."""
+    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size, max_tokens)
     if rewards.ndim == 2:  # (N, K) -> (N,)
         rewards = rewards[:, head]
     return PairScores(**by_pair(rewards, encoded))

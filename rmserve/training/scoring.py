@@ -26,6 +26,7 @@ __all__ = [
     "sampled_normalization",
     "score_ids",
     "stacked_scorer",
+    "token_batches",
     "torch_scorer",
 ]
 
@@ -33,20 +34,41 @@ __all__ = [
 BatchScorer = Callable[["npt.NDArray[np.int64]", "npt.NDArray[np.int64]"], "npt.NDArray[Any]"]
 
 
+def token_batches(
+    lengths: Sequence[int], batch_size: int | None = None, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices of ``lengths``' rows sorted by length (little padding), cut into batches of at
+    most ``batch_size`` rows and, padded to their longest row, at most ``max_tokens`` tokens
+    (rows x longest; a row longer than that alone). None: no bound of that kind."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the row joining a batch is its longest
+        rows = len(current) + 1
+        full = batch_size is not None and rows > batch_size
+        if current and (full or (max_tokens is not None and rows * lengths[i] > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def score_ids(
     scorer: BatchScorer,
     ids: Sequence[Sequence[int]],
     pad_token_id: int,
     batch_size: int = 32,
+    max_tokens: int | None = None,
 ) -> npt.NDArray[np.float64]:
     """Rewards for many sequences, in the input order ((N,), or (N, K) for K heads);
-    batches are sorted by length."""
+    batches are sorted by length, of at most ``batch_size`` rows and ``max_tokens`` padded
+    tokens (:func:`token_batches`)."""
     import numpy as np
 
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: npt.NDArray[np.float64] | None = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in token_batches([len(r) for r in ids], batch_size, max_tokens):
         input_ids, mask = pad_batch([ids[i] for i in chunk], pad_token_id)
         rewards = np.asarray(scorer(input_ids, mask), dtype=np.float64)  # (B,) or (B, K)
         if out is None:

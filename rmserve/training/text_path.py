@@ -36,11 +36,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "SYNTHETIC_CONVERSATIONS",
     "TextFormatChoice",
     "TextPathCertificate",
+    "TextPathReference",
     "certificate_conversations",
+    "certify_scores",
     "certify_text_path",
     "choose_text_format",
+    "text_path_reference",
 ]
 
 # Conversations every certificate checks, beside those drawn from the eval pairs: one turn,
@@ -145,6 +149,10 @@ def certificate_conversations(
     return [list(c) for c in _SYNTHETIC] + drawn
 
 
+# How many of certificate_conversations' first conversations are the synthetic ones.
+SYNTHETIC_CONVERSATIONS = len(_SYNTHETIC)
+
+
 @dataclass(frozen=True)
 class TextPathCertificate:
     conversations: int  # conversations rendered, encoded and scored on both paths
@@ -178,25 +186,37 @@ def transformers_inputs(
     return rendered.text, {"input_ids": [int(i) for i in tokenizer(rendered.text)["input_ids"]]}
 
 
-def certify_text_path(
+@dataclass(frozen=True)
+class TextPathReference:
+    """The torch half of the certificate: the conversations whose text and ids matched
+    transformers', their ids as the bundle encodes them, and transformers' logits for them."""
+
+    ids: list[list[int]]  # (N,) rows as the bundle encodes them
+    expected: Any  # (N, K) float: transformers' model(**inputs).logits
+    checked: list[int]  # the index in ``conversations`` of each row
+    refused: int
+    too_long: list[int]  # the index of each conversation past the encoder's max length
+
+
+def text_path_reference(
     conversations: Sequence[Sequence[Mapping[str, Any]]],
     *,
     text_format: AnyTextFormat,
     encoder: PairEncoder,
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,
-    scorer: BatchScorer,
-    pad_token_id: int,
-    tolerance: float,
-) -> TextPathCertificate:
-    """Render, encode and score each conversation on both paths; raise ValueError on any
-    text or id difference, or a score difference past ``tolerance``."""
+) -> TextPathReference:
+    """Render and encode each conversation on both paths and run transformers' model on
+    those that fit ``encoder``'s max length (the others are skipped: transformers would not
+    truncate); raise ValueError on any text or id difference, or when none fits."""
     import torch
 
     ours: list[list[int]] = []
     theirs: list[dict[str, list[int]]] = []
-    refused = too_long = 0
-    for conversation in conversations:
+    checked: list[int] = []
+    too_long: list[int] = []
+    refused = 0
+    for index, conversation in enumerate(conversations):
         try:
             rendered = render(conversation, text_format)
         except FormattingError:
@@ -204,7 +224,7 @@ def certify_text_path(
             continue
         encoded = encoder.encode(rendered, truncate_response=True)
         if encoded.truncated:
-            too_long += 1
+            too_long.append(index)
             continue
         text, inputs = transformers_inputs(tokenizer, conversation, text_format)
         ids = inputs["input_ids"]
@@ -220,10 +240,11 @@ def certify_text_path(
             )
         ours.append(encoded.ids)
         theirs.append(inputs)
+        checked.append(index)
     if not ours:
         raise ValueError(
             f"no conversation could certify the text path ({refused} refused by the template, "
-            f"{too_long} longer than max_length)"
+            f"{len(too_long)} longer than max_length)"
         )
     model.train(False)
     with torch.no_grad():
@@ -233,11 +254,46 @@ def certify_text_path(
                 for inputs in theirs
             ]
         )  # (N, K)
-    actual = np.asarray(score_ids(scorer, ours, pad_token_id)).reshape(len(ours), -1)  # (N, K)
-    diff = float(np.max(np.abs(expected.astype(np.float64) - actual)))
+    return TextPathReference(ours, expected, checked, refused, too_long)
+
+
+def certify_scores(
+    reference: TextPathReference,
+    scorer: BatchScorer,
+    pad_token_id: int,
+    tolerance: float,
+    max_tokens: int | None = None,
+) -> TextPathCertificate:
+    """The bundle's scores of the reference's rows (batches of at most ``max_tokens`` padded
+    tokens) against transformers' logits; ValueError past ``tolerance``."""
+    ours = reference.ids
+    scores = score_ids(scorer, ours, pad_token_id, max_tokens=max_tokens)
+    actual = np.asarray(scores).reshape(len(ours), -1)  # (N, K)
+    expected = np.asarray(reference.expected, dtype=np.float64)
+    diff = float(np.max(np.abs(expected - actual)))
     if not diff <= tolerance:
         raise ValueError(
             f"text-path parity failed: max |transformers - bundle| = {diff:.3g} > "
             f"{tolerance:.1g} over {len(ours)} conversations scored from their text"
         )
-    return TextPathCertificate(len(ours), refused, too_long, diff)
+    return TextPathCertificate(len(ours), reference.refused, len(reference.too_long), diff)
+
+
+def certify_text_path(
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    text_format: AnyTextFormat,
+    encoder: PairEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    scorer: BatchScorer,
+    pad_token_id: int,
+    tolerance: float,
+) -> TextPathCertificate:
+    """Render, encode and score each conversation on both paths; raise ValueError on any
+    text or id difference, or a score difference past ``tolerance``
+    (:func:`text_path_reference`, then :func:`certify_scores`)."""
+    reference = text_path_reference(
+        conversations, text_format=text_format, encoder=encoder, tokenizer=tokenizer, model=model
+    )
+    return certify_scores(reference, scorer, pad_token_id, tolerance)

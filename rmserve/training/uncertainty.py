@@ -70,10 +70,15 @@ class MemberScores:
 
 
 def score_members(
-    encoded: EncodedExamples, scorer: BatchScorer, pad_token_id: int, batch_size: int = 32
+    encoded: EncodedExamples,
+    scorer: BatchScorer,
+    pad_token_id: int,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
 ) -> MemberScores:
-    """Scores of every pair by every member of a scorer that returns (B, K)."""
-    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size)  # (N, K)
+    """Scores of every pair by every member of a scorer that returns (B, K), in batches of at
+    most ``batch_size`` rows and ``max_tokens`` padded tokens."""
+    rewards = score_ids(scorer, encoded.ids, pad_token_id, batch_size, max_tokens)  # (N, K)
     if rewards.ndim != 2:
         raise ValueError(f"an ensemble scorer returns (batch, K) rewards, got {rewards.shape}")
     return MemberScores(**by_pair(rewards, encoded))

@@ -114,6 +114,7 @@ def test_manifest_records_parity_and_evaluation(tiny_decoder_bundle: Path) -> No
         "pairwise_agreement",
         "accuracy_drop",
         "max_abs_diff_vs_fp32",
+        "checked_up_to_tokens",  # every check's rows were at most this long
     }
     evaluation = data["evaluation"]
     assert evaluation["n"] == 100

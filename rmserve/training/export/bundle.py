@@ -17,8 +17,10 @@ members disagree on the eval pairs.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,8 @@ from rmserve.training.data import PreferenceExample
 from rmserve.training.export.checks import (
     FP16_TOLERANCE,
     Checks,
+    RowRewards,
+    certificate_reference,
     certify,
     check_rows,
     graph_parity,
@@ -49,16 +53,22 @@ from rmserve.training.export.checks import (
     on_cuda,
     pair_rows,
     pair_scores,
+    torch_rewards,
 )
 from rmserve.training.export.graph import export_graph, wrapper_module
 from rmserve.training.export.options import ExportError, ExportOptions
 from rmserve.training.export.plan import ExportPlan, make_plan
 from rmserve.training.export.staging import move_into_place, staged
-from rmserve.training.export.variants import check_variant, packed_graphs
+from rmserve.training.export.variants import (
+    PackedTrace,
+    check_packed,
+    check_variant,
+    trace_packed,
+)
 from rmserve.training.metadata import EnsembleInfo
-from rmserve.training.modeling import architecture_of
-from rmserve.training.pairs import PairScores, encode_examples, pair_metrics
+from rmserve.training.pairs import EncodedExamples, PairScores, encode_examples, pair_metrics
 from rmserve.training.scoring import reward_normalization
+from rmserve.training.text_path import TextPathReference
 from rmserve.training.uncertainty import MemberScores, disagreement, score_members
 
 __all__ = ["ExportError", "ExportOptions", "export_bundle"]
@@ -118,50 +128,89 @@ def _silent(message: str) -> None:
     del message
 
 
+@dataclass(frozen=True)
+class _TorchReferences:
+    """What the checks need from torch, computed while the model is loaded."""
+
+    parity: RowRewards  # the parity rows and torch's rewards for them
+    text_path: TextPathReference  # the certificate's conversations and transformers' logits
+    packed: PackedTrace | None  # the traced packed graph, when there is one
+    packed_rows: RowRewards | None  # the packed check's items and their whole-item rewards
+
+
 def _write_bundle(
     staging: Path, plan: ExportPlan, checks: Checks, step: Callable[[str], None]
 ) -> Manifest:
-    """Write every file of the bundle into ``staging``, checking as it goes; the manifest last."""
+    """Write every file of the bundle into ``staging``, checking as it goes; the manifest last.
+
+    Everything that needs torch runs first (tracing the graphs, torch's rewards of the check
+    rows, transformers' logits of the text-path certificate); then the plan lets go of the
+    torch model(s) and the ONNX Runtime checks run, one session at a time. Every check row is
+    encoded at the check length and scored in batches under the token budget
+    (:mod:`~rmserve.training.export.checks`)."""
     plan.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_NAME))
-    encoder = PairEncoder.from_file(
-        str(staging / TOKENIZER_NAME), plan.max_length, plan.text_format
-    )
+    bound = plan.check_length
+    # The serving truncation at the check length: prompts cut from the left, the response kept.
+    encoder = PairEncoder.from_file(str(staging / TOKENIZER_NAME), bound, plan.text_format)
     graph = staging / VARIANT_FILES[plan.dtype]
-    wrapper = wrapper_module(plan)
-    export_graph(wrapper, graph, plan, step)
-    step(f"{plan.dtype} parity: torch against onnxruntime on a padded batch of mixed lengths")
     encoded = (
         encode_examples(plan.eval_pairs, encoder, plan.text_format) if plan.eval_pairs else None
     )
     rows = check_rows(encoder, plan.text_format, encoded)
+    references = _torch_references(staging, graph, plan, encoder, encoded, rows, step)
+    plan.release_models()
+    gc.collect()  # the torch weights go before the ONNX Runtime sessions load
+
+    budget = plan.options.check_batch_tokens
+    step(
+        f"{plan.dtype} parity: torch against onnxruntime on {len(rows)} rows of mixed lengths "
+        f"up to {bound} tokens, in batches of at most {budget} padded tokens"
+    )
     scorer = graph_scorer(graph, plan.dtype)
     per_output = graph_parity(
-        wrapper, scorer, rows, plan.pad_token_id, checks.tolerance, plan.dtype
+        references.parity, scorer, plan.pad_token_id, checks.tolerance, plan.dtype
     )
     parity: dict[str, dict[str, float]] = {plan.dtype: {"max_abs_diff": max(per_output)}}
-    step("text-path parity: conversations through the bundle against transformers")
-    parity[plan.dtype] |= certify(encoder, scorer, plan, checks.tolerance)
+    text_path = references.text_path
+    step(
+        f"text-path parity: {len(text_path.ids)} conversations through the bundle against "
+        f"transformers ({len(text_path.too_long)} longer than {bound} tokens skipped)"
+    )
+    parity[plan.dtype] |= certify(text_path, scorer, plan, checks.tolerance)
     if plan.dtype == "fp16":
         parity["fp16"]["checked_on_cuda"] = float(on_cuda("fp16"))
     evaluation = plan.info.evaluation if plan.info else None
     normalization = plan.info.normalization if plan.info else None
     members: MemberScores | None = None
+    reference: PairScores | None = None
     if encoded is not None:
         step(f"evaluating on {len(encoded.winners)} eval pairs")
         if plan.ensemble is not None:
-            members = score_members(encoded, scorer, plan.pad_token_id, plan.options.batch_size)
+            members = score_members(
+                encoded,
+                scorer,
+                plan.pad_token_id,
+                plan.options.batch_size,
+                max_tokens=budget,
+            )
         reference = pair_scores(encoded, scorer, plan, members)
         evaluation = _evaluation(reference, plan.eval_data)
         normalization = normalization or _normalization(reference)
+    del scorer  # the session closes before the next one loads
+    gc.collect()
+    if encoded is not None and reference is not None:
         for precision in plan.extra_variants:
             step(f"{precision} variant: converting and checking decisions against fp32")
             parity[precision] = check_variant(
                 staging, graph, precision, encoded, reference, plan, checks
             )
+    for numbers in parity.values():
+        numbers["checked_up_to_tokens"] = float(bound)
     packed = None
-    if plan.options.packed:
-        shared_rows = [*rows, *pair_rows(encoded)] if encoded is not None else rows
-        packed = packed_graphs(staging, plan, wrapper, shared_rows, checks.tolerance, step)
+    if references.packed is not None and references.packed_rows is not None:
+        packed = check_packed(
+            staging, plan, references.packed, references.packed_rows, checks.tolerance, step
+        )
     step("hashing every file of the bundle")
     ensemble = _ensemble(plan.ensemble, per_output, members)
     manifest = _manifest(
@@ -169,6 +218,34 @@ def _write_bundle(
     )
     manifest.write(staging)
     return manifest
+
+
+def _torch_references(
+    staging: Path,
+    graph: Path,
+    plan: ExportPlan,
+    encoder: PairEncoder,
+    encoded: EncodedExamples | None,
+    rows: list[list[int]],
+    step: Callable[[str], None],
+) -> _TorchReferences:
+    """Everything the export needs from the torch model(s): the plain graph (and the packed
+    one) traced, and torch's side of every check, in batches under the token budget. The
+    modules built here hold the model and go when this returns."""
+    budget = plan.options.check_batch_tokens
+    wrapper = wrapper_module(plan)
+    export_graph(wrapper, graph, plan, step)
+    step(f"torch references: {len(rows)} parity rows and the text-path conversations")
+    parity = torch_rewards(wrapper, rows, plan.pad_token_id, budget)
+    text_path = certificate_reference(encoder, plan)
+    packed = trace_packed(staging, plan, step) if plan.options.packed else None
+    packed_rows = None
+    if packed is not None:
+        packed_rows = parity
+        shared = pair_rows(encoded) if encoded is not None else []
+        if shared:  # both responses of eval pairs: items that really share their prompt
+            packed_rows += torch_rewards(wrapper, shared, plan.pad_token_id, budget)
+    return _TorchReferences(parity, text_path, packed, packed_rows)
 
 
 _UNMEASURED = Normalization(
@@ -218,13 +295,14 @@ def _manifest(
         for precision, numbers in parity.items()
     }
     named = {TOKENIZER_NAME, *(v.file for v in variants.values())}
-    kind, pooling = architecture_of(plan.model)
     return Manifest(
         format_version=FORMAT_VERSION,
         model_name=plan.model_name,
         base_model=plan.info.base_model if plan.info else plan.source,
         architecture=Architecture(
-            kind=kind, model_type=plan.model.config.model_type, pooling=pooling
+            kind=plan.kind,
+            model_type=plan.model_type,
+            pooling=plan.pooling,
         ),
         max_length=plan.max_length,
         pad_token_id=plan.pad_token_id,

@@ -172,6 +172,26 @@ class ExportOptions:
             "lose against fp32",
         ),
     )
+    check_length: int = field(
+        default=512,
+        metadata=_flag(
+            "checks",
+            "the longest row, in tokens, of the parity and decision checks (eval pairs and "
+            "synthetic rows are encoded at min(max_length, this), prompts cut from the left as "
+            "served); inputs longer than it are served by the same graph but were not checked "
+            "at that length",
+            metavar="TOKENS",
+        ),
+    )
+    check_batch_tokens: int = field(
+        default=4096,
+        metadata=_flag(
+            "checks",
+            "padded tokens per check batch (rows x longest row): every check scores its rows "
+            "in batches under it, which bounds its memory",
+            metavar="TOKENS",
+        ),
+    )
     # No flag: the fp32 graph's bound on max |torch - onnxruntime|, and the batch of the
     # eval scoring.
     fp32_tolerance: float = 1e-4

@@ -28,6 +28,7 @@ __all__ = [
     "PACKED_INPUTS",
     "PackedRewardModel",
     "PackedStack",
+    "packed_chunks",
     "packed_parity",
     "token_cost",
     "trace_inputs",
@@ -128,6 +129,41 @@ def trace_inputs(pad_token_id: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(v) for v in batch.feeds().values())
 
 
+def packed_chunks(
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    skip_token_id: int | None,
+    max_tokens: int,
+    max_row_length: int,
+) -> list[list[int]]:
+    """Indices of ``rows`` in byte order (items with a common prefix are neighbours), cut
+    into chunks whose packed batch (``share="always"``, rows of at most ``max_row_length``
+    tokens) has at most ``max_tokens`` padded tokens (a chunk of one item may have more)."""
+    sequences = [np.asarray(r, dtype=np.int64) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: sequences[i].tobytes())
+
+    def size(chunk: list[int]) -> int:
+        batch = pack(
+            [sequences[i] for i in chunk],
+            pad_token_id,
+            skip_token_id=skip_token_id,
+            share="always",
+            max_row_length=max_row_length,
+        )
+        return int(batch.input_ids.size)
+
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and size([*current, index]) > max_tokens:
+            chunks.append(current)
+            current = []
+        current.append(index)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def packed_parity(
     reference: npt.NDArray[Any],
     run: Any,
@@ -135,13 +171,31 @@ def packed_parity(
     pad_token_id: int,
     skip_token_id: int | None,
     num_heads: int,
+    *,
+    max_tokens: int | None = None,
+    max_row_length: int | None = None,
 ) -> float:
     """Max |whole-item reward - packed reward| over ``rows``, packed so that every common
-    prefix is shared (``share="always"``: the check exercises the mask on every row it can).
-    ``reference``: the whole-item rewards, (N,) or (N, K); ``run``: the packed graph, called
-    with :meth:`PackedBatch.feeds`."""
-    sequences = [np.asarray(r, dtype=np.int64) for r in rows]
-    batch: PackedBatch = pack(sequences, pad_token_id, skip_token_id=skip_token_id, share="always")
-    packed = batch.item_rows(run(batch.feeds()), num_heads)  # (N, K)
+    prefix is shared (``share="always"``: the check exercises the mask on every row it can),
+    in rows of at most ``max_row_length`` tokens and batches of at most ``max_tokens`` padded
+    tokens (:func:`packed_chunks`; None: one batch of all). ``reference``: the whole-item
+    rewards, (N,) or (N, K); ``run``: the packed graph, called with :meth:`PackedBatch.feeds`."""
     expected = np.asarray(reference, dtype=np.float64).reshape(len(rows), num_heads)
-    return float(np.max(np.abs(packed.astype(np.float64) - expected)))
+    if max_tokens is None:
+        chunks = [list(range(len(rows)))]
+    else:
+        width = max_row_length or max(len(r) for r in rows)
+        chunks = packed_chunks(rows, pad_token_id, skip_token_id, max_tokens, width)
+    gaps: list[float] = []
+    for chunk in chunks:
+        sequences = [np.asarray(rows[i], dtype=np.int64) for i in chunk]
+        batch: PackedBatch = pack(
+            sequences,
+            pad_token_id,
+            skip_token_id=skip_token_id,
+            share="always",
+            max_row_length=max_row_length,
+        )
+        packed = batch.item_rows(run(batch.feeds()), num_heads)  # (n, K)
+        gaps.append(float(np.max(np.abs(packed.astype(np.float64) - expected[chunk]))))
+    return float(np.max(gaps))  # NaN stays NaN

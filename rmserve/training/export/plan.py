@@ -9,14 +9,14 @@ other layer of it (graph, checks, variants, bundle).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from rmserve.formatting import AnyTextFormat
-from rmserve.manifest import Pooling, Precision, ensemble_labels
+from rmserve.manifest import ArchitectureKind, Pooling, Precision, ensemble_labels
 from rmserve.training.checkpoint import HeadError, load_checkpoint
 from rmserve.training.data import PreferenceExample
 from rmserve.training.export.options import ExportError, ExportOptions, TextFormatChoice
@@ -24,7 +24,17 @@ from rmserve.training.metadata import EnsembleInfo, TrainingInfo
 from rmserve.training.modeling import architecture_of, default_max_length, load_tokenizer
 from rmserve.training.text_path import choose_text_format
 
-__all__ = ["ExportPlan", "default_model_name", "make_plan"]
+__all__ = ["ExportPlan", "LoadedModels", "default_model_name", "make_plan"]
+
+
+@dataclass
+class LoadedModels:
+    """The torch model(s) of a plan, in a holder that export empties
+    (:meth:`ExportPlan.release_models`) once every torch reference is computed, so that the
+    weights are freed before the ONNX Runtime checks load their sessions."""
+
+    model: Any
+    members: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,9 @@ class ExportPlan:
 
     source: str
     tokenizer: Any
-    model: Any
+    loaded: LoadedModels = field(repr=False)
+    kind: ArchitectureKind
+    model_type: str  # config.model_type
     pooling: Pooling
     text_format: AnyTextFormat
     max_length: int
@@ -41,8 +53,6 @@ class ExportPlan:
     labels: tuple[str, ...]
     reward_head: int
     ensemble: EnsembleInfo | None  # set when the outputs are the members of one ensemble
-    # An ensemble of independent models: every member's model (``model`` is the first).
-    members: tuple[Any, ...]
     info: TrainingInfo | None
     eval_pairs: Sequence[PreferenceExample] | None
     eval_data: str | None
@@ -51,6 +61,25 @@ class ExportPlan:
     model_name: str
     # What was asked; the exporter, opset, batch size and packed switch are read from it.
     options: ExportOptions
+    # The longest row of every check: min(max_length, options.check_length).
+    check_length: int
+
+    @property
+    def model(self) -> Any:
+        """The torch model (an ensemble's first member); None once released."""
+        return self.loaded.model
+
+    @property
+    def members(self) -> tuple[Any, ...]:
+        """An ensemble of independent models: every member's model (``model`` is the first);
+        empty otherwise, and once released."""
+        return self.loaded.members
+
+    def release_models(self) -> None:
+        """Drop the plan's references to the torch model(s) (then ``gc.collect()`` frees them
+        when nothing else holds them)."""
+        self.loaded.model = None
+        self.loaded.members = ()
 
 
 def default_model_name(source: str | Path) -> str:
@@ -108,13 +137,19 @@ def make_plan(
         f"max_length {length}"
     )
     extra_variants = _extra_variants(int8=options.int8, fp16=options.fp16)
+    for name in ("check_length", "check_batch_tokens"):
+        if getattr(options, name) < 1:
+            flag = name.replace("_", "-")
+            raise ExportError(f"--{flag} must be at least 1, got {getattr(options, name)}")
     eval_data = options.eval_data
     if extra_variants:
         eval_pairs, eval_data = _pairs_for_checks(eval_pairs, eval_data, info)
     return ExportPlan(
         source=source,
         tokenizer=tokenizer,
-        model=model,
+        loaded=LoadedModels(model, members),
+        kind=kind,
+        model_type=str(model.config.model_type),
         pooling=pooling,
         text_format=text_format,
         max_length=length,
@@ -122,7 +157,6 @@ def make_plan(
         labels=labels,
         reward_head=_reward_head(labels, options.reward_head),
         ensemble=ensemble,
-        members=members,
         info=info,
         eval_pairs=eval_pairs,
         eval_data=eval_data,
@@ -130,6 +164,7 @@ def make_plan(
         extra_variants=extra_variants,
         model_name=options.model_name or default_model_name(source),
         options=options,
+        check_length=min(length, options.check_length),
     )
 
 
