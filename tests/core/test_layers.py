@@ -146,7 +146,7 @@ EXPORT = "rmserve.training.export"
 # The export package's layers, bottom first: what export decides before it writes (and what
 # it can be asked), the graph, its checks, the variants derived from it, the bundle. A module
 # may import its own layer or lower ones, never a higher one.
-EXPORT_LAYERS = (("options", "plan"), ("graph",), ("checks",), ("variants",), ("bundle",))
+EXPORT_LAYERS = (("options", "plan", "memory"), ("graph",), ("checks",), ("variants",), ("bundle",))
 # Beside the layers, used by them and importing none of them (they may use each other:
 # fusion and quantize write through onnx_files).
 EXPORT_BESIDE = ("quantize", "fusion", "packed", "onnx_files", "staging")

@@ -56,6 +56,7 @@ from rmserve.training.export.checks import (
     torch_rewards,
 )
 from rmserve.training.export.graph import export_graph, wrapper_module
+from rmserve.training.export.memory import preflight
 from rmserve.training.export.options import ExportError, ExportOptions
 from rmserve.training.export.plan import ExportPlan, make_plan
 from rmserve.training.export.staging import move_into_place, staged
@@ -110,6 +111,7 @@ def export_bundle(
             "graph: export with --dtype fp32 for those variants"
         )
     out = Path(out_dir)
+    preflight(str(checkpoint_dir), options, step)  # refuses before the weights load
     plan = make_plan(str(checkpoint_dir), options, step, eval_pairs)
     fp32_tolerance = options.fp32_tolerance
     tolerance = fp32_tolerance if options.dtype == "fp32" else max(fp32_tolerance, FP16_TOLERANCE)

@@ -200,3 +200,13 @@ class ExportOptions:
     # Room for the options other issues add, each in its own --help section (add it to
     # GROUPS): the process-reward model's (step separator, step aggregation) and the
     # adapters' (a PEFT/LoRA adapter merged into its base before tracing).
+    memory_limit: str | None = field(
+        default=None,
+        metadata=_flag(
+            "checks",
+            "memory this export may use, e.g. 12GiB or 500MB (default: the container's limit, "
+            "else the machine's available memory); export refuses to start when its estimate "
+            "is above it",
+            metavar="SIZE",
+        ),
+    )
