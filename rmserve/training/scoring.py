@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchScorer",
+    "cut_batches",
     "onnx_scorer",
     "pad_batch",
     "reward_normalization",
@@ -41,12 +42,21 @@ def token_batches(
     most ``batch_size`` rows and, padded to their longest row, at most ``max_tokens`` tokens
     (rows x longest; a row longer than that alone). None: no bound of that kind."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+    def too_big(batch: list[int]) -> bool:  # ascending: the row that joined last is longest
+        full = batch_size is not None and len(batch) > batch_size
+        return full or (max_tokens is not None and len(batch) * lengths[batch[-1]] > max_tokens)
+
+    return cut_batches(order, too_big)
+
+
+def cut_batches(order: Sequence[int], too_big: Callable[[list[int]], bool]) -> list[list[int]]:
+    """``order`` cut greedily into consecutive batches: an index joins the current batch
+    unless the batch with it would be ``too_big``; an index alone always makes a batch."""
     batches: list[list[int]] = []
     current: list[int] = []
-    for i in order:  # ascending: the row joining a batch is its longest
-        rows = len(current) + 1
-        full = batch_size is not None and rows > batch_size
-        if current and (full or (max_tokens is not None and rows * lengths[i] > max_tokens)):
+    for i in order:
+        if current and too_big([*current, i]):
             batches.append(current)
             current = []
         current.append(i)

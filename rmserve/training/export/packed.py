@@ -23,6 +23,7 @@ import numpy.typing as npt
 import torch
 
 from rmserve.packing import PACKED_INPUTS, PackedBatch, pack
+from rmserve.training.scoring import cut_batches
 
 __all__ = [
     "PACKED_INPUTS",
@@ -152,16 +153,7 @@ def packed_chunks(
         )
         return int(batch.input_ids.size)
 
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and size([*current, index]) > max_tokens:
-            chunks.append(current)
-            current = []
-        current.append(index)
-    if current:
-        chunks.append(current)
-    return chunks
+    return cut_batches(order, lambda chunk: size(chunk) > max_tokens)
 
 
 def packed_parity(
