@@ -4,10 +4,12 @@ A model someone else trained is scored, on its model card, as
 ``tokenizer.apply_chat_template(conversation, tokenize=True)`` and a forward pass (or, for
 encoders without a template, ``tokenizer(question, answer)``). Export picks the bundle's text
 format from what the checkpoint carries (:func:`choose_text_format`) and then certifies the
-whole path that the service will take, not only the ONNX graph (:func:`certify_text_path`):
-for each conversation, the text rendered by :mod:`rmserve.formatting`, the ids encoded by
-:class:`rmserve.encoding.PairEncoder` over the bundle's ``tokenizer.json``, and the ONNX score,
-against transformers' own text, ids and ``model(**inputs).logits``. Any difference in text or
+whole path that the service will take, not only the ONNX graph, in two halves: the first
+while the torch model is loaded (:func:`text_path_reference`), the second with the ONNX
+session alone (:func:`certify_scores`). For each conversation, the text rendered by
+:mod:`rmserve.formatting`, the ids encoded by :class:`rmserve.encoding.PairEncoder` over the
+bundle's ``tokenizer.json``, and the ONNX score, against transformers' own text, ids and
+``model(**inputs).logits``. Any difference in text or
 ids fails the export; the score difference is recorded in the manifest.
 """
 
@@ -42,7 +44,6 @@ __all__ = [
     "TextPathReference",
     "certificate_conversations",
     "certify_scores",
-    "certify_text_path",
     "choose_text_format",
     "text_path_reference",
 ]
@@ -193,7 +194,6 @@ class TextPathReference:
 
     ids: list[list[int]]  # (N,) rows as the bundle encodes them
     expected: Any  # (N, K) float: transformers' model(**inputs).logits
-    checked: list[int]  # the index in ``conversations`` of each row
     refused: int
     too_long: list[int]  # the index of each conversation past the encoder's max length
 
@@ -213,7 +213,6 @@ def text_path_reference(
 
     ours: list[list[int]] = []
     theirs: list[dict[str, list[int]]] = []
-    checked: list[int] = []
     too_long: list[int] = []
     refused = 0
     for index, conversation in enumerate(conversations):
@@ -240,7 +239,6 @@ def text_path_reference(
             )
         ours.append(encoded.ids)
         theirs.append(inputs)
-        checked.append(index)
     if not ours:
         raise ValueError(
             f"no conversation could certify the text path ({refused} refused by the template, "
@@ -254,7 +252,7 @@ def text_path_reference(
                 for inputs in theirs
             ]
         )  # (N, K)
-    return TextPathReference(ours, expected, checked, refused, too_long)
+    return TextPathReference(ours, expected, refused, too_long)
 
 
 def certify_scores(
@@ -277,23 +275,3 @@ def certify_scores(
             f"{tolerance:.1g} over {len(ours)} conversations scored from their text"
         )
     return TextPathCertificate(len(ours), reference.refused, len(reference.too_long), diff)
-
-
-def certify_text_path(
-    conversations: Sequence[Sequence[Mapping[str, Any]]],
-    *,
-    text_format: AnyTextFormat,
-    encoder: PairEncoder,
-    tokenizer: PreTrainedTokenizerBase,
-    model: PreTrainedModel,
-    scorer: BatchScorer,
-    pad_token_id: int,
-    tolerance: float,
-) -> TextPathCertificate:
-    """Render, encode and score each conversation on both paths; raise ValueError on any
-    text or id difference, or a score difference past ``tolerance``
-    (:func:`text_path_reference`, then :func:`certify_scores`)."""
-    reference = text_path_reference(
-        conversations, text_format=text_format, encoder=encoder, tokenizer=tokenizer, model=model
-    )
-    return certify_scores(reference, scorer, pad_token_id, tolerance)

@@ -243,10 +243,11 @@ def _torch_references(
     packed = trace_packed(staging, plan, step) if plan.options.packed else None
     packed_rows = None
     if packed is not None:
-        packed_rows = parity
+        # The parity rows, and both responses of eval pairs: items that really share a prompt.
         shared = pair_rows(encoded) if encoded is not None else []
-        if shared:  # both responses of eval pairs: items that really share their prompt
-            packed_rows += torch_rewards(wrapper, shared, plan.pad_token_id, budget)
+        packed_rows = (
+            parity + torch_rewards(wrapper, shared, plan.pad_token_id, budget) if shared else parity
+        )
     return _TorchReferences(parity, text_path, packed, packed_rows)
 
 
